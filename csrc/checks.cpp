@@ -1,0 +1,193 @@
+#include "checks.h"
+
+#include <torch/headeronly/util/Exception.h>
+
+#include <algorithm>
+#include <utility>
+
+namespace moe_finalize {
+namespace {
+
+bool is_float_dtype(ScalarType t) {
+  return t == ScalarType::BFloat16 || t == ScalarType::Half || t == ScalarType::Float;
+}
+
+const char* dtype_name(ScalarType t) {
+  switch (t) {
+    case ScalarType::BFloat16: return "bfloat16";
+    case ScalarType::Half: return "float16";
+    case ScalarType::Float: return "float32";
+    case ScalarType::Double: return "float64";
+    case ScalarType::Int: return "int32";
+    case ScalarType::Long: return "int64";
+    case ScalarType::Float8_e4m3fn: return "float8_e4m3fn";
+    default: return "an unsupported dtype";
+  }
+}
+
+// Byte range [begin, end) spanned by a strided tensor; empty tensors span nothing.
+std::pair<uintptr_t, uintptr_t> byte_span(const Tensor& t) {
+  if (t.numel() == 0) return {0, 0};
+  auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  int64_t low = 0, high = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    int64_t extent = (t.size(d) - 1) * t.stride(d);
+    (extent < 0 ? low : high) += extent;
+  }
+  auto elem = static_cast<int64_t>(t.element_size());
+  return {begin + low * elem, begin + (high + 1) * elem};
+}
+
+bool overlaps(const Tensor& a, const Tensor& b) {
+  auto [a0, a1] = byte_span(a);
+  auto [b0, b1] = byte_span(b);
+  return a0 < a1 && b0 < b1 && a0 < b1 && b0 < a1;
+}
+
+bool same_view(const Tensor& a, const Tensor& b) {
+  if (a.data_ptr() != b.data_ptr() || a.dim() != b.dim()) return false;
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) != b.size(d) || (a.size(d) > 1 && a.stride(d) != b.stride(d))) return false;
+  }
+  return true;
+}
+
+void check_same_device(const Tensor& input, const Tensor& other, const char* name) {
+  STD_TORCH_CHECK(other.get_device_index() == input.get_device_index() &&
+                      other.is_cuda() == input.is_cuda(),
+                  "finalize: ", name, " must be on the same device as input (input on ",
+                  input.is_cuda() ? "cuda:" : "cpu:", static_cast<int>(input.get_device_index()),
+                  ", ", name, " on ", other.is_cuda() ? "cuda:" : "cpu:",
+                  static_cast<int>(other.get_device_index()), ")");
+}
+
+void check_rows(const Tensor& t, const char* name, int64_t rows, int64_t cols) {
+  STD_TORCH_CHECK(t.dim() == 2, "finalize: ", name, " must be 2-D [", rows, ", ", cols,
+                  "], got ", t.dim(), "-D");
+  STD_TORCH_CHECK(t.size(0) == rows && t.size(1) == cols, "finalize: ", name, " must be [", rows,
+                  ", ", cols, "], got [", t.size(0), ", ", t.size(1), "]");
+  STD_TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, "finalize: ", name,
+                  " must have unit stride in its last dimension, got stride ", t.stride(1));
+}
+
+}  // namespace
+
+FinalizeProblem check_finalize_args(const Tensor& input, const std::optional<Tensor>& row_map,
+                                    const std::optional<Tensor>& weights,
+                                    std::optional<int64_t> top_k,
+                                    const std::optional<Tensor>& residual, double scale,
+                                    const Tensor* out) {
+  FinalizeProblem p;
+  STD_TORCH_CHECK(input.is_cpu() || input.is_cuda(),
+                  "finalize: input must be a CPU or CUDA tensor");
+  STD_TORCH_CHECK(input.dim() == 2, "finalize: input must be 2-D [P, H], got ", input.dim(),
+                  "-D");
+  STD_TORCH_CHECK(is_float_dtype(input.scalar_type()),
+                  "finalize: input must be bfloat16, float16 or float32, got ",
+                  dtype_name(input.scalar_type()));
+  STD_TORCH_CHECK(input.size(1) <= 1 || input.stride(1) == 1,
+                  "finalize: input must have unit stride in its last dimension, got stride ",
+                  input.stride(1));
+  p.num_rows = input.size(0);
+  p.hidden = input.size(1);
+  p.input = input.data_ptr();
+  p.input_row_stride = input.stride(0);
+  p.input_dtype = input.scalar_type();
+  p.out_dtype = input.scalar_type();
+  p.scale = static_cast<float>(scale);
+  STD_TORCH_CHECK(!top_k.has_value() || *top_k >= 1, "finalize: top_k must be >= 1, got ",
+                  top_k.value_or(0));
+
+  if (row_map.has_value()) {
+    const Tensor& m = *row_map;
+    check_same_device(input, m, "row_map");
+    STD_TORCH_CHECK(m.dim() == 2, "finalize: row_map must be 2-D [T, K], got ", m.dim(), "-D");
+    STD_TORCH_CHECK(m.scalar_type() == ScalarType::Int || m.scalar_type() == ScalarType::Long,
+                    "finalize: row_map must be int32 or int64, got ", dtype_name(m.scalar_type()));
+    p.num_tokens = m.size(0);
+    p.top_k = m.size(1);
+    STD_TORCH_CHECK(p.top_k >= 1 || p.num_tokens == 0,
+                    "finalize: row_map must have at least one column (K >= 1)");
+    p.row_map = m.data_ptr();
+    p.map_stride_t = m.stride(0);
+    p.map_stride_k = m.stride(1);
+    p.map_is_int64 = m.scalar_type() == ScalarType::Long;
+  } else if (weights.has_value()) {
+    STD_TORCH_CHECK(weights->dim() == 2, "finalize: weights must be 2-D [T, K], got ",
+                    weights->dim(), "-D");
+    p.num_tokens = weights->size(0);
+    p.top_k = weights->size(1);
+    STD_TORCH_CHECK(p.top_k >= 1, "finalize: weights must have at least one column (K >= 1)");
+    STD_TORCH_CHECK(p.num_rows == p.num_tokens * p.top_k, "finalize: with row_map=None, input "
+                    "must hold T*K = ", p.num_tokens * p.top_k, " rows (weights is [",
+                    p.num_tokens, ", ", p.top_k, "]), got ", p.num_rows);
+  } else {
+    STD_TORCH_CHECK(top_k.has_value(),
+                    "finalize: top_k is required when row_map and weights are both None");
+    p.top_k = *top_k;
+    STD_TORCH_CHECK(p.num_rows % p.top_k == 0, "finalize: with row_map=None, input rows (",
+                    p.num_rows, ") must be a multiple of top_k (", p.top_k, ")");
+    p.num_tokens = p.num_rows / p.top_k;
+  }
+  STD_TORCH_CHECK(!top_k.has_value() || *top_k == p.top_k, "finalize: top_k (", *top_k,
+                  ") does not match K = ", p.top_k, " of row_map/weights");
+  STD_TORCH_CHECK(p.num_rows > 0 || p.num_tokens == 0 || !row_map.has_value(),
+                  "finalize: input is empty (P = 0) but row_map is [", p.num_tokens, ", ",
+                  p.top_k, "]");
+
+  if (weights.has_value()) {
+    const Tensor& w = *weights;
+    check_same_device(input, w, "weights");
+    STD_TORCH_CHECK(w.dim() == 2, "finalize: weights must be 2-D [T, K], got ", w.dim(), "-D");
+    STD_TORCH_CHECK(w.size(0) == p.num_tokens && w.size(1) == p.top_k,
+                    "finalize: weights must be [T, K] = [", p.num_tokens, ", ", p.top_k,
+                    "] to match row_map, got [", w.size(0), ", ", w.size(1), "]");
+    STD_TORCH_CHECK(is_float_dtype(w.scalar_type()),
+                    "finalize: weights must be float32, bfloat16 or float16, got ",
+                    dtype_name(w.scalar_type()));
+    p.weights = w.data_ptr();
+    p.weight_stride_t = w.stride(0);
+    p.weight_stride_k = w.stride(1);
+    p.weight_dtype = w.scalar_type();
+  }
+
+  if (residual.has_value()) {
+    const Tensor& r = *residual;
+    check_same_device(input, r, "residual");
+    check_rows(r, "residual", p.num_tokens, p.hidden);
+    STD_TORCH_CHECK(r.scalar_type() == input.scalar_type(), "finalize: residual must have the "
+                    "dtype of input (", dtype_name(input.scalar_type()), "), got ",
+                    dtype_name(r.scalar_type()));
+    p.residual = r.data_ptr();
+    p.residual_row_stride = r.stride(0);
+  }
+
+  if (out != nullptr) {
+    check_same_device(input, *out, "out");
+    check_rows(*out, "out", p.num_tokens, p.hidden);
+    STD_TORCH_CHECK(out->scalar_type() == input.scalar_type(), "finalize: out must have the "
+                    "dtype of input (", dtype_name(input.scalar_type()), "), got ",
+                    dtype_name(out->scalar_type()));
+    STD_TORCH_CHECK(!overlaps(*out, input), "finalize: out overlaps input");
+    if (row_map.has_value()) {
+      STD_TORCH_CHECK(!overlaps(*out, *row_map), "finalize: out overlaps row_map");
+    }
+    if (weights.has_value()) {
+      STD_TORCH_CHECK(!overlaps(*out, *weights), "finalize: out overlaps weights");
+    }
+    if (residual.has_value()) {
+      STD_TORCH_CHECK(same_view(*out, *residual) || !overlaps(*out, *residual),
+                      "finalize: out partially overlaps residual (out may be residual itself, "
+                      "nothing else)");
+    }
+    bind_output(p, *out);
+  }
+  return p;
+}
+
+void bind_output(FinalizeProblem& problem, const Tensor& out) {
+  problem.out = out.data_ptr();
+  problem.out_row_stride = out.stride(0);
+}
+
+}  // namespace moe_finalize

@@ -1,0 +1,56 @@
+// Argument checks shared by the CPU and CUDA paths, and the resolved problem both kernels read.
+// Every rule of SPEC.md's "Bad input" section lives here once; ops.py's fake impl mirrors it.
+#pragma once
+
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+
+#include <cstdint>
+#include <optional>
+
+namespace moe_finalize {
+
+using torch::headeronly::ScalarType;
+using torch::stable::Tensor;
+
+// Everything a kernel needs, with strides in elements and pointers already offset.
+struct FinalizeProblem {
+  int64_t num_tokens = 0;  // T
+  int64_t top_k = 0;       // K
+  int64_t hidden = 0;      // H
+  int64_t num_rows = 0;    // P: rows of `input`; map entries outside [0, P) are skipped / rejected
+
+  const void* input = nullptr;
+  int64_t input_row_stride = 0;
+  ScalarType input_dtype = ScalarType::BFloat16;
+
+  const void* row_map = nullptr;  // nullptr: row of (t, k) is t * K + k
+  int64_t map_stride_t = 0, map_stride_k = 0;
+  bool map_is_int64 = false;
+
+  const void* weights = nullptr;  // nullptr: every weight is 1.0
+  int64_t weight_stride_t = 0, weight_stride_k = 0;
+  ScalarType weight_dtype = ScalarType::Float;
+
+  const void* residual = nullptr;
+  int64_t residual_row_stride = 0;
+
+  void* out = nullptr;
+  int64_t out_row_stride = 0;
+  ScalarType out_dtype = ScalarType::BFloat16;
+
+  float scale = 1.0f;
+};
+
+// Validates every argument (raising with the argument's name) and resolves T, K and strides.
+// `out` is the preallocated output of finalize_out; pass nullptr for the functional op, whose
+// output is allocated afterwards and filled in by `bind_output`.
+FinalizeProblem check_finalize_args(const Tensor& input, const std::optional<Tensor>& row_map,
+                                    const std::optional<Tensor>& weights,
+                                    std::optional<int64_t> top_k,
+                                    const std::optional<Tensor>& residual, double scale,
+                                    const Tensor* out);
+
+void bind_output(FinalizeProblem& problem, const Tensor& out);
+
+}  // namespace moe_finalize

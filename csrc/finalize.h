@@ -1,0 +1,17 @@
+// Kernel entry points behind the ops: each takes an already-validated FinalizeProblem.
+#pragma once
+
+#include "checks.h"
+
+namespace moe_finalize {
+
+// Raises on a map entry >= P before writing anything, then fills problem.out.
+void launch_finalize_cpu(const FinalizeProblem& problem);
+
+#ifdef USE_CUDA
+// Enqueues on the current CUDA stream of the input's device; never synchronizes with the host.
+// Map entries outside [0, P) are skipped in-kernel.
+void launch_finalize_cuda(const FinalizeProblem& problem, int device_index);
+#endif
+
+}  // namespace moe_finalize

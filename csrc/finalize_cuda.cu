@@ -1,0 +1,316 @@
+// CUDA finalize: one block per (token, column slice). The block stages the token's row offsets
+// and weights in shared memory (64 slots at a time, any K), then every thread owns one 16-byte
+// column vector and keeps up to 8 source rows in flight before it accumulates them in fp32, in
+// fixed k-order. Columns past the last full vector take a scalar tail path with the same
+// arithmetic, so every output element is computed identically whatever the launch shape.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/macros.h>
+#include <torch/headeronly/util/Exception.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "finalize.h"
+
+namespace moe_finalize {
+namespace {
+
+constexpr int kSlotChunk = 64;    // slots staged in shared memory per pass
+constexpr int kMaxThreads = 256;  // threads per block at most
+constexpr int kMaxDevices = 64;
+
+// ---- element types -------------------------------------------------------------------------
+
+template <typename T>
+struct Elem;
+template <>
+struct Elem<__nv_bfloat16> {
+  static __device__ __forceinline__ float load(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 store(float x) { return __float2bfloat16_rn(x); }
+};
+template <>
+struct Elem<__half> {
+  static __device__ __forceinline__ float load(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half store(float x) { return __float2half_rn(x); }
+};
+template <>
+struct Elem<float> {
+  static __device__ __forceinline__ float load(float x) { return x; }
+  static __device__ __forceinline__ float store(float x) { return x; }
+};
+
+// W elements moved as one access: 16 bytes for the vector path, one element for the tail.
+template <typename T, int W>
+struct alignas(sizeof(T) * W) Pack {
+  T v[W];
+};
+
+// Source rows are read exactly once: bypass L1 and the coherent path (16-byte ld.global.nc).
+template <typename T, int W>
+__device__ __forceinline__ Pack<T, W> load_stream(const T* ptr) {
+  Pack<T, W> out;
+  if constexpr (sizeof(Pack<T, W>) == 16) {
+    uint4 raw;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(raw.x), "=r"(raw.y), "=r"(raw.z), "=r"(raw.w)
+                 : "l"(ptr));
+    memcpy(&out, &raw, sizeof raw);
+  } else {
+    out = *reinterpret_cast<const Pack<T, W>*>(ptr);
+  }
+  return out;
+}
+
+// ---- programmatic dependent launch (sm_90+) ------------------------------------------------
+
+__device__ __forceinline__ void wait_for_upstream() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void let_downstream_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
+// ---- the kernel ----------------------------------------------------------------------------
+
+struct KernelArgs {
+  FinalizeProblem p;
+  int64_t body_units;  // H / VEC full vectors per row
+  int64_t units;       // body_units + H % VEC scalar tail columns
+};
+
+__device__ __forceinline__ float load_weight(const FinalizeProblem& p, int64_t t, int64_t k) {
+  if (p.weights == nullptr) return 1.0f;
+  const int64_t offset = t * p.weight_stride_t + k * p.weight_stride_k;
+  switch (p.weight_dtype) {
+    case ScalarType::Float: return static_cast<const float*>(p.weights)[offset];
+    case ScalarType::BFloat16:
+      return __bfloat162float(static_cast<const __nv_bfloat16*>(p.weights)[offset]);
+    default: return __half2float(static_cast<const __half*>(p.weights)[offset]);
+  }
+}
+
+__device__ __forceinline__ int64_t load_row(const FinalizeProblem& p, int64_t t, int64_t k) {
+  if (p.row_map == nullptr) return t * p.top_k + k;
+  const int64_t offset = t * p.map_stride_t + k * p.map_stride_k;
+  return p.map_is_int64 ? static_cast<const int64_t*>(p.row_map)[offset]
+                        : static_cast<int64_t>(static_cast<const int32_t*>(p.row_map)[offset]);
+}
+
+// acc[0..W) += w[j] * row_j[col..col+W) for the n staged slots, G rows in flight at a time.
+template <typename T, int W, int G>
+__device__ __forceinline__ int accumulate_group(float* acc, const T* col_ptr, const int64_t* s_off,
+                                                const float* s_w, int j, int n) {
+  for (; j + G <= n; j += G) {
+    Pack<T, W> rows[G];
+#pragma unroll
+    for (int u = 0; u < G; ++u) {
+      const int64_t off = s_off[j + u];
+      if (off >= 0) {
+        rows[u] = load_stream<T, W>(col_ptr + off);
+      } else {
+#pragma unroll
+        for (int e = 0; e < W; ++e) rows[u].v[e] = Elem<T>::store(0.0f);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < G; ++u) {
+      const float w = s_w[j + u];
+#pragma unroll
+      for (int e = 0; e < W; ++e) acc[e] = fmaf(w, Elem<T>::load(rows[u].v[e]), acc[e]);
+    }
+  }
+  return j;
+}
+
+template <typename T, int W>
+__device__ __forceinline__ void accumulate_slots(float* acc, const T* col_ptr, const int64_t* s_off,
+                                                 const float* s_w, int n) {
+  int j = accumulate_group<T, W, 8>(acc, col_ptr, s_off, s_w, 0, n);
+  j = accumulate_group<T, W, 4>(acc, col_ptr, s_off, s_w, j, n);
+  j = accumulate_group<T, W, 2>(acc, col_ptr, s_off, s_w, j, n);
+  accumulate_group<T, W, 1>(acc, col_ptr, s_off, s_w, j, n);
+}
+
+template <typename T, int W>
+__device__ __forceinline__ void store_result(const FinalizeProblem& p, int64_t t, int64_t col,
+                                             const float* acc) {
+  Pack<T, W> result;
+  if (p.residual != nullptr) {
+    // Plain (coherent) load: residual may be `out` itself.
+    const Pack<T, W> res = *reinterpret_cast<const Pack<T, W>*>(
+        static_cast<const T*>(p.residual) + t * p.residual_row_stride + col);
+#pragma unroll
+    for (int e = 0; e < W; ++e)
+      result.v[e] = Elem<T>::store(fmaf(p.scale, acc[e], Elem<T>::load(res.v[e])));
+  } else {
+#pragma unroll
+    for (int e = 0; e < W; ++e) result.v[e] = Elem<T>::store(p.scale * acc[e]);
+  }
+  *reinterpret_cast<Pack<T, W>*>(static_cast<T*>(p.out) + t * p.out_row_stride + col) = result;
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kMaxThreads)
+    finalize_kernel(const __grid_constant__ KernelArgs args) {
+  __shared__ int64_t s_off[kSlotChunk];  // element offset of the source row, -1 = skip
+  __shared__ float s_w[kSlotChunk];
+  const FinalizeProblem& p = args.p;
+  const int64_t t = blockIdx.x;
+  const int64_t unit = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  const bool is_vector = unit < args.body_units;
+  const int64_t col = is_vector ? unit * VEC : args.body_units * VEC + (unit - args.body_units);
+  const T* col_ptr = static_cast<const T*>(p.input) + col;
+
+  wait_for_upstream();  // input, map, weights and residual may come from the previous kernel
+  let_downstream_launch();
+
+  float acc[VEC];
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) acc[e] = 0.0f;
+
+  for (int64_t k0 = 0; k0 < p.top_k; k0 += kSlotChunk) {
+    const int n = p.top_k - k0 < kSlotChunk ? static_cast<int>(p.top_k - k0) : kSlotChunk;
+    if (k0 > 0) __syncthreads();  // previous chunk fully consumed
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+      const int64_t row = load_row(p, t, k0 + i);
+      const bool valid = row >= 0 && row < p.num_rows;  // never read outside input
+      s_off[i] = valid ? row * p.input_row_stride : -1;
+      s_w[i] = valid ? load_weight(p, t, k0 + i) : 0.0f;
+    }
+    __syncthreads();
+    if (is_vector) {
+      accumulate_slots<T, VEC>(acc, col_ptr, s_off, s_w, n);
+    } else if (unit < args.units) {
+      accumulate_slots<T, 1>(acc, col_ptr, s_off, s_w, n);
+    }
+  }
+
+  if (is_vector) {
+    store_result<T, VEC>(p, t, col, acc);
+  } else if (unit < args.units) {
+    store_result<T, 1>(p, t, col, acc);
+  }
+}
+
+// ---- host side -----------------------------------------------------------------------------
+
+struct DeviceInfo {
+  int sm_count = 0;
+  int cc_major = 0;
+};
+
+const DeviceInfo& device_info(int device) {
+  static DeviceInfo cache[kMaxDevices];
+  DeviceInfo& info = cache[device];
+  if (info.sm_count == 0) {  // benign race: every writer stores the same values
+    int sms = 0, major = 0;
+    STD_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    STD_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    info.cc_major = major;
+    info.sm_count = sms;
+  }
+  return info;
+}
+
+// -1: not read yet; then 0/1. MOE_FINALIZE_PDL=0 turns PDL off; set_pdl() overrides at run time.
+std::atomic<int> g_pdl_enabled{-1};
+
+bool pdl_enabled() {
+  int state = g_pdl_enabled.load(std::memory_order_relaxed);
+  if (state < 0) {
+    const char* env = std::getenv("MOE_FINALIZE_PDL");
+    state = (env != nullptr && std::strcmp(env, "0") == 0) ? 0 : 1;
+    g_pdl_enabled.store(state, std::memory_order_relaxed);
+  }
+  return state == 1;
+}
+
+bool aligned(const void* ptr, int64_t row_stride, int vec, size_t elem_size) {
+  return reinterpret_cast<uintptr_t>(ptr) % (vec * elem_size) == 0 && row_stride % vec == 0;
+}
+
+// Threads per block: enough blocks to cover every SM about twice even at tiny T (split the row
+// across blocks), but no block wider than the row or than kMaxThreads.
+int pick_threads(int64_t num_tokens, int64_t units, int sm_count) {
+  const int64_t target_blocks = 2LL * sm_count;
+  int64_t threads = (num_tokens * units + target_blocks - 1) / target_blocks;
+  threads = std::max<int64_t>(32, std::min<int64_t>(128, threads));
+  threads = std::min<int64_t>(threads, ((units + 31) / 32) * 32);
+  return static_cast<int>((threads + 31) / 32 * 32);
+}
+
+template <typename T, int VEC>
+void launch_typed(const FinalizeProblem& p, int device) {
+  const DeviceInfo& info = device_info(device);
+  KernelArgs args{p, p.hidden / VEC, p.hidden / VEC + p.hidden % VEC};
+  const int threads = pick_threads(p.num_tokens, args.units, info.sm_count);
+  const int64_t col_blocks = (args.units + threads - 1) / threads;
+  STD_TORCH_CHECK(col_blocks <= 65535, "finalize: hidden size ", p.hidden, " is too large");
+
+  cudaStream_t stream;
+  STABLE_TORCH_ERROR_CODE_CHECK(
+      aoti_torch_get_current_cuda_stream(device, reinterpret_cast<void**>(&stream)));
+
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(p.num_tokens), static_cast<unsigned>(col_blocks));
+  config.blockDim = dim3(threads);
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  if (info.cc_major >= 9 && pdl_enabled()) {
+    config.attrs = attr;
+    config.numAttrs = 1;
+  }
+  STD_CUDA_CHECK(cudaLaunchKernelEx(&config, finalize_kernel<T, VEC>, args));
+}
+
+template <typename T>
+void launch_for_dtype(const FinalizeProblem& p, int device) {
+  constexpr int kVec = 16 / sizeof(T);
+  const bool vectorizable = aligned(p.input, p.input_row_stride, kVec, sizeof(T)) &&
+                            aligned(p.out, p.out_row_stride, kVec, sizeof(T)) &&
+                            (p.residual == nullptr ||
+                             aligned(p.residual, p.residual_row_stride, kVec, sizeof(T)));
+  if (vectorizable) {
+    launch_typed<T, kVec>(p, device);
+  } else {
+    launch_typed<T, 1>(p, device);
+  }
+}
+
+}  // namespace
+
+void launch_finalize_cuda(const FinalizeProblem& p, int device_index) {
+  STD_TORCH_CHECK(p.num_tokens <= 0x7fffffffLL, "finalize: too many tokens for one launch");
+  STD_TORCH_CHECK(device_index >= 0 && device_index < kMaxDevices, "finalize: bad device index");
+  torch::stable::accelerator::DeviceGuard guard(device_index);
+  switch (p.input_dtype) {
+    case ScalarType::BFloat16: launch_for_dtype<__nv_bfloat16>(p, device_index); break;
+    case ScalarType::Half: launch_for_dtype<__half>(p, device_index); break;
+    case ScalarType::Float: launch_for_dtype<float>(p, device_index); break;
+    default: STD_TORCH_CHECK(false, "finalize: unsupported input dtype on CUDA");
+  }
+}
+
+}  // namespace moe_finalize
+
+// Run-time PDL switch for benchmarks and debugging; returns the previous setting.
+extern "C" __attribute__((visibility("default"))) int moe_finalize_set_pdl(int enabled) {
+  const int previous = moe_finalize::pdl_enabled() ? 1 : 0;
+  moe_finalize::g_pdl_enabled.store(enabled ? 1 : 0, std::memory_order_relaxed);
+  return previous;
+}

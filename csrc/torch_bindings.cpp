@@ -1,0 +1,86 @@
+// The op contract: every schema of namespace moe_finalize, and the device-generic op bodies.
+// ops.py mirrors these schemas in typed wrappers and fake (meta) implementations.
+#include <Python.h>
+
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+
+#include <optional>
+
+#include "checks.h"
+#include "finalize.h"
+
+namespace moe_finalize {
+namespace {
+
+void launch(const FinalizeProblem& p, const Tensor& input) {
+  if (p.num_tokens == 0 || p.hidden == 0) return;  // nothing to write: launch nothing
+  if (input.is_cuda()) {
+#ifdef USE_CUDA
+    launch_finalize_cuda(p, input.get_device_index());
+#else
+    STD_TORCH_CHECK(false, "finalize: this build of moe_finalize_plugin has no CUDA kernels");
+#endif
+  } else {
+    launch_finalize_cpu(p);
+  }
+}
+
+Tensor finalize(Tensor input, std::optional<Tensor> row_map, std::optional<Tensor> weights,
+                std::optional<int64_t> top_k, std::optional<Tensor> residual, double scale) {
+  FinalizeProblem p = check_finalize_args(input, row_map, weights, top_k, residual, scale, nullptr);
+  Tensor out = torch::stable::new_empty(input, {p.num_tokens, p.hidden});
+  bind_output(p, out);
+  launch(p, input);
+  return out;
+}
+
+void finalize_out(Tensor out, Tensor input, std::optional<Tensor> row_map,
+                  std::optional<Tensor> weights, std::optional<int64_t> top_k,
+                  std::optional<Tensor> residual, double scale) {
+  FinalizeProblem p = check_finalize_args(input, row_map, weights, top_k, residual, scale, &out);
+  launch(p, input);
+}
+
+}  // namespace
+}  // namespace moe_finalize
+
+STABLE_TORCH_LIBRARY(moe_finalize, m) {
+  // out[t] = cast(residual[t] + scale * sum_{k: row_map[t,k] >= 0} weights[t,k] * input[row_map[t,k]]),
+  // fp32 accumulation in fixed k-order. row_map=None: input is [T*K, H] token-major.
+  m.def(
+      "finalize(Tensor input, Tensor? row_map, Tensor? weights, *, int? top_k=None, "
+      "Tensor? residual=None, float scale=1.0) -> Tensor");
+  // Same, written into a preallocated `out` (vLLM's output buffer, CUDA graphs); out may be residual.
+  m.def(
+      "finalize_out(Tensor(a!) out, Tensor input, Tensor? row_map, Tensor? weights, *, "
+      "int? top_k=None, Tensor? residual=None, float scale=1.0) -> ()");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(moe_finalize, CPU, m) {
+  m.impl("finalize", TORCH_BOX(&moe_finalize::finalize));
+  m.impl("finalize_out", TORCH_BOX(&moe_finalize::finalize_out));
+}
+
+#ifdef USE_CUDA
+STABLE_TORCH_LIBRARY_IMPL(moe_finalize, CUDA, m) {
+  m.impl("finalize", TORCH_BOX(&moe_finalize::finalize));
+  m.impl("finalize_out", TORCH_BOX(&moe_finalize::finalize_out));
+}
+#endif
+
+// What this binary contains, for `moe-finalize` (read through ctypes: no Python API needed).
+extern "C" __attribute__((visibility("default"))) const char* moe_finalize_build_info() {
+#ifdef USE_CUDA
+  return "cpu,cuda";
+#else
+  return "cpu";
+#endif
+}
+
+// An importable module, so `import moe_finalize_plugin._C` loads the library and its ops.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
