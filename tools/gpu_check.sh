@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One device call: GPU tests, compute-sanitizer on hostile maps, the kernel benchmark.
+# Runs from the repo root on the lent GPU machine with the carried prebuilt _C.abi3.so.
+# Usage: bash tools/gpu_check.sh [tests|sanitize|bench|all]...   (results under $OUT)
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+steps=${*:-all}
+status=0
+has() { [[ " $steps " == *" $1 "* || " $steps " == *" all "* ]]; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, sys; print('torch', torch.__version__, 'python', sys.version.split()[0])"
+if has tests; then
+  python3 -m pytest tests -q -x -p no:cacheprovider --junitxml="$OUT/gpu_junit.xml" \
+    2>&1 | tee "$OUT/gpu_tests.log" | tail -25 || status=1
+fi
+if has sanitize; then
+  for tool in memcheck racecheck; do
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool $tool --error-exitcode 1 \
+      python3 tools/hostile_maps.py > "$OUT/sanitizer_$tool.log" 2>&1
+    rc=$?; echo "compute-sanitizer $tool rc=$rc: $(tail -2 "$OUT/sanitizer_$tool.log" | tr '\n' ' ')"
+    [[ $rc == 0 ]] || status=1
+  done
+fi
+if has bench && [[ -f benchmarks/bench_finalize.py ]]; then
+  python3 benchmarks/bench_finalize.py --out-dir "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -45
+fi
+exit $status
