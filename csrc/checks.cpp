@@ -61,6 +61,8 @@ void check_same_device(const Tensor& input, const Tensor& other, const char* nam
                   static_cast<int>(other.get_device_index()), ")");
 }
 
+}  // namespace
+
 void check_rows(const Tensor& t, const char* name, int64_t rows, int64_t cols) {
   STD_TORCH_CHECK(t.dim() == 2, "finalize: ", name, " must be 2-D [", rows, ", ", cols,
                   "], got ", t.dim(), "-D");
@@ -69,8 +71,6 @@ void check_rows(const Tensor& t, const char* name, int64_t rows, int64_t cols) {
   STD_TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, "finalize: ", name,
                   " must have unit stride in its last dimension, got stride ", t.stride(1));
 }
-
-}  // namespace
 
 FinalizeProblem check_finalize_args(const Tensor& input, const std::optional<Tensor>& row_map,
                                     const std::optional<Tensor>& weights,

@@ -53,4 +53,7 @@ FinalizeProblem check_finalize_args(const Tensor& input, const std::optional<Ten
 
 void bind_output(FinalizeProblem& problem, const Tensor& out);
 
+// `name` must be 2-D [rows, cols] with unit stride in its last dimension.
+void check_rows(const Tensor& t, const char* name, int64_t rows, int64_t cols);
+
 }  // namespace moe_finalize

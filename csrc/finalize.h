@@ -12,6 +12,13 @@ void launch_finalize_cpu(const FinalizeProblem& problem);
 // Enqueues on the current CUDA stream of the input's device; never synchronizes with the host.
 // Map entries outside [0, P) are skipped in-kernel.
 void launch_finalize_cuda(const FinalizeProblem& problem, int device_index);
+
+// Backward (problem.residual holds grad_out). grad_input into problem.out, using `count` (P
+// zeroed int32) and `owner` (P int64) as scratch; grad_weights as fp32 [T, K] contiguous.
+void launch_grad_input_cuda(const FinalizeProblem& problem, int32_t* count, int64_t* owner,
+                            int device_index);
+void launch_grad_weights_cuda(const FinalizeProblem& problem, float* grad_weights,
+                              int device_index);
 #endif
 
 }  // namespace moe_finalize

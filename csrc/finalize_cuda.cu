@@ -3,10 +3,6 @@
 // column vector and keeps up to 8 source rows in flight before it accumulates them in fp32, in
 // fixed k-order. Columns past the last full vector take a scalar tail path with the same
 // arithmetic, so every output element is computed identically whatever the launch shape.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/accelerator.h>
 #include <torch/csrc/stable/macros.h>
@@ -18,6 +14,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "cuda_common.cuh"
 #include "finalize.h"
 
 namespace moe_finalize {
@@ -25,63 +22,6 @@ namespace {
 
 constexpr int kSlotChunk = 64;    // slots staged in shared memory per pass
 constexpr int kMaxThreads = 256;  // threads per block at most
-constexpr int kMaxDevices = 64;
-
-// ---- element types -------------------------------------------------------------------------
-
-template <typename T>
-struct Elem;
-template <>
-struct Elem<__nv_bfloat16> {
-  static __device__ __forceinline__ float load(__nv_bfloat16 x) { return __bfloat162float(x); }
-  static __device__ __forceinline__ __nv_bfloat16 store(float x) { return __float2bfloat16_rn(x); }
-};
-template <>
-struct Elem<__half> {
-  static __device__ __forceinline__ float load(__half x) { return __half2float(x); }
-  static __device__ __forceinline__ __half store(float x) { return __float2half_rn(x); }
-};
-template <>
-struct Elem<float> {
-  static __device__ __forceinline__ float load(float x) { return x; }
-  static __device__ __forceinline__ float store(float x) { return x; }
-};
-
-// W elements moved as one access: 16 bytes for the vector path, one element for the tail.
-template <typename T, int W>
-struct alignas(sizeof(T) * W) Pack {
-  T v[W];
-};
-
-// Source rows are read exactly once: bypass L1 and the coherent path (16-byte ld.global.nc).
-template <typename T, int W>
-__device__ __forceinline__ Pack<T, W> load_stream(const T* ptr) {
-  Pack<T, W> out;
-  if constexpr (sizeof(Pack<T, W>) == 16) {
-    uint4 raw;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(raw.x), "=r"(raw.y), "=r"(raw.z), "=r"(raw.w)
-                 : "l"(ptr));
-    memcpy(&out, &raw, sizeof raw);
-  } else {
-    out = *reinterpret_cast<const Pack<T, W>*>(ptr);
-  }
-  return out;
-}
-
-// ---- programmatic dependent launch (sm_90+) ------------------------------------------------
-
-__device__ __forceinline__ void wait_for_upstream() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void let_downstream_launch() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" :::);
-#endif
-}
 
 // ---- the kernel ----------------------------------------------------------------------------
 
@@ -90,24 +30,6 @@ struct KernelArgs {
   int64_t body_units;  // H / VEC full vectors per row
   int64_t units;       // body_units + H % VEC scalar tail columns
 };
-
-__device__ __forceinline__ float load_weight(const FinalizeProblem& p, int64_t t, int64_t k) {
-  if (p.weights == nullptr) return 1.0f;
-  const int64_t offset = t * p.weight_stride_t + k * p.weight_stride_k;
-  switch (p.weight_dtype) {
-    case ScalarType::Float: return static_cast<const float*>(p.weights)[offset];
-    case ScalarType::BFloat16:
-      return __bfloat162float(static_cast<const __nv_bfloat16*>(p.weights)[offset]);
-    default: return __half2float(static_cast<const __half*>(p.weights)[offset]);
-  }
-}
-
-__device__ __forceinline__ int64_t load_row(const FinalizeProblem& p, int64_t t, int64_t k) {
-  if (p.row_map == nullptr) return t * p.top_k + k;
-  const int64_t offset = t * p.map_stride_t + k * p.map_stride_k;
-  return p.map_is_int64 ? static_cast<const int64_t*>(p.row_map)[offset]
-                        : static_cast<int64_t>(static_cast<const int32_t*>(p.row_map)[offset]);
-}
 
 // acc[0..W) += w[j] * row_j[col..col+W) for the n staged slots, G rows in flight at a time.
 template <typename T, int W, int G>
@@ -207,37 +129,6 @@ __global__ void __launch_bounds__(kMaxThreads)
 
 // ---- host side -----------------------------------------------------------------------------
 
-struct DeviceInfo {
-  int sm_count = 0;
-  int cc_major = 0;
-};
-
-const DeviceInfo& device_info(int device) {
-  static DeviceInfo cache[kMaxDevices];
-  DeviceInfo& info = cache[device];
-  if (info.sm_count == 0) {  // benign race: every writer stores the same values
-    int sms = 0, major = 0;
-    STD_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    STD_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    info.cc_major = major;
-    info.sm_count = sms;
-  }
-  return info;
-}
-
-// -1: not read yet; then 0/1. MOE_FINALIZE_PDL=0 turns PDL off; set_pdl() overrides at run time.
-std::atomic<int> g_pdl_enabled{-1};
-
-bool pdl_enabled() {
-  int state = g_pdl_enabled.load(std::memory_order_relaxed);
-  if (state < 0) {
-    const char* env = std::getenv("MOE_FINALIZE_PDL");
-    state = (env != nullptr && std::strcmp(env, "0") == 0) ? 0 : 1;
-    g_pdl_enabled.store(state, std::memory_order_relaxed);
-  }
-  return state == 1;
-}
-
 bool aligned(const void* ptr, int64_t row_stride, int vec, size_t elem_size) {
   return reinterpret_cast<uintptr_t>(ptr) % (vec * elem_size) == 0 && row_stride % vec == 0;
 }
@@ -260,22 +151,9 @@ void launch_typed(const FinalizeProblem& p, int device) {
   const int64_t col_blocks = (args.units + threads - 1) / threads;
   STD_TORCH_CHECK(col_blocks <= 65535, "finalize: hidden size ", p.hidden, " is too large");
 
-  cudaStream_t stream;
-  STABLE_TORCH_ERROR_CODE_CHECK(
-      aoti_torch_get_current_cuda_stream(device, reinterpret_cast<void**>(&stream)));
-
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>(p.num_tokens), static_cast<unsigned>(col_blocks));
-  config.blockDim = dim3(threads);
-  config.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  if (info.cc_major >= 9 && pdl_enabled()) {
-    config.attrs = attr;
-    config.numAttrs = 1;
-  }
-  STD_CUDA_CHECK(cudaLaunchKernelEx(&config, finalize_kernel<T, VEC>, args));
+  launch_kernel(finalize_kernel<T, VEC>,
+                dim3(static_cast<unsigned>(p.num_tokens), static_cast<unsigned>(col_blocks)),
+                dim3(threads), device, args);
 }
 
 template <typename T>
@@ -293,6 +171,39 @@ void launch_for_dtype(const FinalizeProblem& p, int device) {
 }
 
 }  // namespace
+
+const DeviceInfo& device_info(int device) {
+  static DeviceInfo cache[kMaxDevices];
+  DeviceInfo& info = cache[device];
+  if (info.sm_count == 0) {  // benign race: every writer stores the same values
+    int sms = 0, major = 0;
+    STD_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    STD_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    info.cc_major = major;
+    info.sm_count = sms;
+  }
+  return info;
+}
+
+// -1: not read yet; then 0/1. MOE_FINALIZE_PDL=0 turns PDL off; set_pdl() overrides at run time.
+static std::atomic<int> g_pdl_enabled{-1};
+
+bool pdl_enabled() {
+  int state = g_pdl_enabled.load(std::memory_order_relaxed);
+  if (state < 0) {
+    const char* env = std::getenv("MOE_FINALIZE_PDL");
+    state = (env != nullptr && std::strcmp(env, "0") == 0) ? 0 : 1;
+    g_pdl_enabled.store(state, std::memory_order_relaxed);
+  }
+  return state == 1;
+}
+
+cudaStream_t current_stream(int device) {
+  cudaStream_t stream;
+  STABLE_TORCH_ERROR_CODE_CHECK(
+      aoti_torch_get_current_cuda_stream(device, reinterpret_cast<void**>(&stream)));
+  return stream;
+}
 
 void launch_finalize_cuda(const FinalizeProblem& p, int device_index) {
   STD_TORCH_CHECK(p.num_tokens <= 0x7fffffffLL, "finalize: too many tokens for one launch");

@@ -43,6 +43,52 @@ void finalize_out(Tensor out, Tensor input, std::optional<Tensor> row_map,
   launch(p, input);
 }
 
+#ifdef USE_CUDA
+// The forward's checks, plus grad_out: [T, H], dtype of input, on input's device.
+FinalizeProblem check_backward_args(const Tensor& grad_out, const Tensor& input,
+                                    const std::optional<Tensor>& row_map,
+                                    const std::optional<Tensor>& weights,
+                                    std::optional<int64_t> top_k, double scale) {
+  FinalizeProblem p = check_finalize_args(input, row_map, weights, top_k, std::nullopt, scale,
+                                          nullptr);
+  STD_TORCH_CHECK(input.is_cuda() && grad_out.is_cuda() &&
+                      grad_out.get_device_index() == input.get_device_index(),
+                  "finalize backward: grad_out and input must be on the same CUDA device");
+  check_rows(grad_out, "grad_out", p.num_tokens, p.hidden);
+  STD_TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(),
+                  "finalize backward: grad_out must have the dtype of input");
+  p.residual = grad_out.data_ptr();
+  p.residual_row_stride = grad_out.stride(0);
+  return p;
+}
+
+Tensor finalize_grad_input(Tensor grad_out, Tensor input, std::optional<Tensor> row_map,
+                           std::optional<Tensor> weights, std::optional<int64_t> top_k,
+                           double scale) {
+  FinalizeProblem p = check_backward_args(grad_out, input, row_map, weights, top_k, scale);
+  Tensor grad_input = torch::stable::new_empty(input, {p.num_rows, p.hidden});
+  bind_output(p, grad_input);
+  if (p.num_rows == 0 || p.hidden == 0) return grad_input;
+  Tensor count = torch::stable::new_zeros(input, {p.num_rows}, ScalarType::Int);
+  Tensor owner = torch::stable::new_empty(input, {p.num_rows}, ScalarType::Long);
+  launch_grad_input_cuda(p, static_cast<int32_t*>(count.data_ptr()),
+                         static_cast<int64_t*>(owner.data_ptr()), input.get_device_index());
+  return grad_input;
+}
+
+Tensor finalize_grad_weights(Tensor grad_out, Tensor input, std::optional<Tensor> row_map,
+                             std::optional<Tensor> weights, std::optional<int64_t> top_k,
+                             double scale) {
+  FinalizeProblem p = check_backward_args(grad_out, input, row_map, weights, top_k, scale);
+  Tensor grad_weights = torch::stable::new_empty(input, {p.num_tokens, p.top_k}, ScalarType::Float);
+  if (p.num_tokens > 0 && p.top_k > 0) {
+    launch_grad_weights_cuda(p, static_cast<float*>(grad_weights.data_ptr()),
+                             input.get_device_index());
+  }
+  return grad_weights;
+}
+#endif
+
 }  // namespace
 }  // namespace moe_finalize
 
@@ -56,6 +102,15 @@ STABLE_TORCH_LIBRARY(moe_finalize, m) {
   m.def(
       "finalize_out(Tensor(a!) out, Tensor input, Tensor? row_map, Tensor? weights, *, "
       "int? top_k=None, Tensor? residual=None, float scale=1.0) -> ()");
+  // Backward, CUDA only: grad_input[row_map[t,k]] += scale * weights[t,k] * grad_out[t]
+  // ([P, H], dtype of input; deterministic, no float atomics).
+  m.def(
+      "finalize_grad_input(Tensor grad_out, Tensor input, Tensor? row_map, Tensor? weights, *, "
+      "int? top_k=None, float scale=1.0) -> Tensor");
+  // Backward, CUDA only: grad_weights[t,k] = scale * <grad_out[t], input[row_map[t,k]]> (fp32 [T, K]).
+  m.def(
+      "finalize_grad_weights(Tensor grad_out, Tensor input, Tensor? row_map, Tensor? weights, *, "
+      "int? top_k=None, float scale=1.0) -> Tensor");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(moe_finalize, CPU, m) {
@@ -67,6 +122,8 @@ STABLE_TORCH_LIBRARY_IMPL(moe_finalize, CPU, m) {
 STABLE_TORCH_LIBRARY_IMPL(moe_finalize, CUDA, m) {
   m.impl("finalize", TORCH_BOX(&moe_finalize::finalize));
   m.impl("finalize_out", TORCH_BOX(&moe_finalize::finalize_out));
+  m.impl("finalize_grad_input", TORCH_BOX(&moe_finalize::finalize_grad_input));
+  m.impl("finalize_grad_weights", TORCH_BOX(&moe_finalize::finalize_grad_weights));
 }
 #endif
 

@@ -4,6 +4,8 @@
     grad_weights[t, k]         = scale * <grad_out[t], input[row_map[t, k]]>
 
 Skipped slots (negative or out-of-range entries) get zero gradient. Computed in fp32.
+On CUDA the two gradients are dedicated kernels (deterministic, no float atomics: see
+csrc/finalize_backward_cuda.cu); elsewhere they are composed of PyTorch ops.
 """
 
 from __future__ import annotations
@@ -28,6 +30,18 @@ def finalize_backward(
     need_weights: bool = True,
 ) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """Returns (grad_input [P, H] in input's dtype, grad_weights [T, K] in weights' dtype)."""
+    if grad_out.is_cuda and hasattr(torch.ops.moe_finalize, "finalize_grad_input"):
+        grad_out = grad_out.to(input.dtype)
+        if grad_out.dim() == 2 and grad_out.shape[1] > 1 and grad_out.stride(1) != 1:
+            grad_out = grad_out.contiguous()
+        grad_input = grad_weights = None
+        if need_input:
+            grad_input = torch.ops.moe_finalize.finalize_grad_input(
+                grad_out, input, row_map, weights, top_k=top_k, scale=scale)
+        if need_weights and weights is not None:
+            grad_weights = torch.ops.moe_finalize.finalize_grad_weights(
+                grad_out, input, row_map, weights, top_k=top_k, scale=scale).to(weights.dtype)
+        return grad_input, grad_weights
     num_tokens, k = resolve_layout(input, row_map, weights, top_k)
     num_rows, hidden = input.shape
     if row_map is None:

@@ -15,7 +15,7 @@ from torch import Tensor
 from . import _C  # noqa: F401  (loads the library: registers the ops)
 from .backward import finalize_backward
 
-__all__ = ["finalize", "set_pdl", "build_info"]
+__all__ = ["finalize", "validate_row_map", "set_pdl", "build_info"]
 
 _FINALIZE = torch.ops.moe_finalize.finalize.default
 _FINALIZE_OUT = torch.ops.moe_finalize.finalize_out.default
@@ -31,6 +31,7 @@ def finalize(
     residual: Optional[Tensor] = None,
     scale: float = 1.0,
     out: Optional[Tensor] = None,
+    validate: bool = False,
 ) -> Tensor:
     """One row per token: ``residual[t] + scale * sum_k weights[t, k] * input[row_map[t, k]]``.
 
@@ -45,16 +46,33 @@ def finalize(
         residual: optional ``[T, H]`` tensor (dtype of ``input``) added after scaling.
         scale: routed scaling factor applied to the weighted sum.
         out: optional ``[T, H]`` destination (unit last-dim stride); may be ``residual``.
+        validate: check ``row_map`` against ``input``'s row count first and raise naming the
+            first bad (t, k). On CUDA this reads the map on the host (a sync): a debugging aid,
+            off by default. Without it the CPU kernel still raises, and the CUDA kernel skips
+            out-of-range entries without reading them.
 
     Returns:
         ``out`` when given, else a new ``[T, H]`` tensor of ``input``'s dtype. The sum is
         accumulated in fp32 over k = 0..K-1, so a token's row is bitwise identical whatever
         the batch size.
     """
+    if validate and row_map is not None:
+        validate_row_map(row_map, input.shape[0])
     if out is None:
         return _FINALIZE(input, row_map, weights, top_k=top_k, residual=residual, scale=scale)
     _FINALIZE_OUT(out, input, row_map, weights, top_k=top_k, residual=residual, scale=scale)
     return out
+
+
+def validate_row_map(row_map: Tensor, num_rows: int) -> None:
+    """Raise ValueError naming the first (t, k) whose entry is >= ``num_rows`` (negative = skip)."""
+    bad = (row_map >= num_rows).nonzero()
+    if bad.shape[0] > 0:
+        t, k = bad[0].tolist()
+        raise ValueError(
+            f"finalize: row_map[{t}, {k}] = {int(row_map[t, k])} is out of range for input with "
+            f"{num_rows} rows (valid: 0..P-1, or negative to skip)"
+        )
 
 
 def set_pdl(enabled: bool) -> bool:
@@ -135,6 +153,22 @@ def _finalize_out_fake(out, input, row_map, weights, *, top_k=None, residual=Non
     num_tokens, hidden = _fake_shape(input, row_map, weights, top_k, residual)
     _check_rows(out, "out", num_tokens, hidden)
     torch._check(out.dtype == input.dtype, lambda: "finalize: out must have the dtype of input")
+
+
+@torch.library.register_fake("moe_finalize::finalize_grad_input")
+def _grad_input_fake(grad_out, input, row_map, weights, *, top_k=None, scale=1.0):
+    num_tokens, hidden = _fake_shape(input, row_map, weights, top_k, None)
+    _check_rows(grad_out, "grad_out", num_tokens, hidden)
+    return input.new_empty(input.shape)
+
+
+@torch.library.register_fake("moe_finalize::finalize_grad_weights")
+def _grad_weights_fake(grad_out, input, row_map, weights, *, top_k=None, scale=1.0):
+    num_tokens, hidden = _fake_shape(input, row_map, weights, top_k, None)
+    _check_rows(grad_out, "grad_out", num_tokens, hidden)
+    k = row_map.shape[1] if row_map is not None else (
+        weights.shape[1] if weights is not None else top_k)
+    return input.new_empty((num_tokens, k), dtype=torch.float32)
 
 
 # ---- autograd ----------------------------------------------------------------------------------

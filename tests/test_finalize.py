@@ -142,6 +142,8 @@ def test_map_entry_past_input(device):
         skipped[2, 1] = -1
         skipped[5, 3] = -1
         check(out, reference.finalize(case.input, skipped, case.weights))
+    with pytest.raises(ValueError, match=r"row_map\[2, 1\] = %d is out of range" % rows):
+        mf.finalize(case.input, case.row_map, case.weights, validate=True)
 
 
 def test_offsets_past_2_31_elements(device):

@@ -1,0 +1,129 @@
+// Device helpers shared by the forward and backward CUDA kernels.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstring>
+#include <utility>
+
+#include <torch/csrc/stable/macros.h>
+
+#include "checks.h"
+
+namespace moe_finalize {
+
+constexpr int kMaxDevices = 64;
+
+// ---- element types -------------------------------------------------------------------------
+
+template <typename T>
+struct Elem;
+template <>
+struct Elem<__nv_bfloat16> {
+  static __device__ __forceinline__ float load(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 store(float x) { return __float2bfloat16_rn(x); }
+};
+template <>
+struct Elem<__half> {
+  static __device__ __forceinline__ float load(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half store(float x) { return __float2half_rn(x); }
+};
+template <>
+struct Elem<float> {
+  static __device__ __forceinline__ float load(float x) { return x; }
+  static __device__ __forceinline__ float store(float x) { return x; }
+};
+
+// W elements moved as one access: 16 bytes for the vector path, one element for the tail.
+template <typename T, int W>
+struct alignas(sizeof(T) * W) Pack {
+  T v[W];
+};
+
+// Source rows are read exactly once: bypass L1 and the coherent path (16-byte ld.global.nc).
+template <typename T, int W>
+__device__ __forceinline__ Pack<T, W> load_stream(const T* ptr) {
+  Pack<T, W> out;
+  if constexpr (sizeof(Pack<T, W>) == 16) {
+    uint4 raw;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(raw.x), "=r"(raw.y), "=r"(raw.z), "=r"(raw.w)
+                 : "l"(ptr));
+    memcpy(&out, &raw, sizeof raw);
+  } else {
+    out = *reinterpret_cast<const Pack<T, W>*>(ptr);
+  }
+  return out;
+}
+
+// ---- programmatic dependent launch (sm_90+) ------------------------------------------------
+
+__device__ __forceinline__ void wait_for_upstream() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void let_downstream_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
+__device__ __forceinline__ float load_weight(const FinalizeProblem& p, int64_t t, int64_t k) {
+  if (p.weights == nullptr) return 1.0f;
+  const int64_t offset = t * p.weight_stride_t + k * p.weight_stride_k;
+  switch (p.weight_dtype) {
+    case ScalarType::Float: return static_cast<const float*>(p.weights)[offset];
+    case ScalarType::BFloat16:
+      return __bfloat162float(static_cast<const __nv_bfloat16*>(p.weights)[offset]);
+    default: return __half2float(static_cast<const __half*>(p.weights)[offset]);
+  }
+}
+
+__device__ __forceinline__ int64_t load_row(const FinalizeProblem& p, int64_t t, int64_t k) {
+  if (p.row_map == nullptr) return t * p.top_k + k;
+  const int64_t offset = t * p.map_stride_t + k * p.map_stride_k;
+  return p.map_is_int64 ? static_cast<const int64_t*>(p.row_map)[offset]
+                        : static_cast<int64_t>(static_cast<const int32_t*>(p.row_map)[offset]);
+}
+
+// ---- host side ---------------------------------------------------------------------------------
+
+struct DeviceInfo {
+  int sm_count = 0;
+  int cc_major = 0;
+};
+
+// Multiprocessor count and compute capability, read once per device.
+const DeviceInfo& device_info(int device);
+
+// Programmatic dependent launch: on unless MOE_FINALIZE_PDL=0 or set_pdl(false), and sm_90+.
+bool pdl_enabled();
+
+// The current torch CUDA stream of `device`.
+cudaStream_t current_stream(int device);
+
+// Launches on the current stream of `device`, as a programmatic dependent launch where enabled.
+// Every kernel launched this way calls wait_for_upstream() before its first global read.
+template <typename... KernelParams, typename... Args>
+void launch_kernel(void (*kernel)(KernelParams...), dim3 grid, dim3 block, int device,
+                   Args&&... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.stream = current_stream(device);
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  if (device_info(device).cc_major >= 9 && pdl_enabled()) {
+    config.attrs = attr;
+    config.numAttrs = 1;
+  }
+  STD_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+}
+
+}  // namespace moe_finalize
