@@ -1,0 +1,141 @@
+"""Plain Triton finalize kernels: the in-run peers of the benchmark (issue 3, issue 7).
+
+Deliberately the straightforward design, as issue 3 specifies it: one program per
+(token, 1024-column block), ``num_warps=4``, ``tl.static_range`` over k, fp32
+accumulation, gather through ``row_map`` and multiply by the router weight. Negative
+map entries are skipped (their row is never read), as the op contract requires.
+No autotuning and no launch-shape tricks: its time is the yardstick that carries
+across cards (``ratio_to_triton``).
+
+``finalize_fp8`` is the same kernel dequantising e4m3 rows on load with one fp32
+scale per 128-column block (``scales[P, ceil(H/128)]``, any strides), issue 7's layout.
+
+Runs on CUDA tensors; with ``TRITON_INTERPRET=1`` set before import it also runs on
+CPU tensors (slowly; the smoke test uses that to check it against the reference).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only environments without Triton: the benchmark skips this peer
+    triton = None
+    tl = None
+
+__all__ = ["AVAILABLE", "BLOCK_H", "NUM_WARPS", "FP8_SCALE_BLOCK", "finalize", "finalize_fp8"]
+
+AVAILABLE = triton is not None
+BLOCK_H = 1024  # columns per program (issue 3's peer)
+NUM_WARPS = 4
+FP8_SCALE_BLOCK = 128  # columns per fp32 scale (DeepSeek-style block scales)
+
+
+if AVAILABLE:
+
+    @triton.jit
+    def _finalize_kernel(
+        inp_ptr, map_ptr, w_ptr, out_ptr,
+        H,
+        stride_in, stride_map_t, stride_map_k, stride_w_t, stride_w_k, stride_out,
+        K: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        t = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        cmask = cols < H
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for k in tl.static_range(K):  # fixed k-order, fp32 accumulation
+            row = tl.load(map_ptr + t * stride_map_t + k * stride_map_k).to(tl.int64)
+            valid = row >= 0
+            w = tl.load(w_ptr + t * stride_w_t + k * stride_w_k).to(tl.float32)
+            x = tl.load(inp_ptr + row * stride_in + cols, mask=cmask & valid, other=0.0)
+            acc += x.to(tl.float32) * tl.where(valid, w, 0.0)
+        tl.store(out_ptr + t * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
+
+    @triton.jit
+    def _finalize_fp8_kernel(
+        inp_ptr, scale_ptr, map_ptr, w_ptr, out_ptr,
+        H,
+        stride_in, stride_s_row, stride_s_blk,
+        stride_map_t, stride_map_k, stride_w_t, stride_w_k, stride_out,
+        K: tl.constexpr, BLOCK: tl.constexpr, SCALE_BLOCK: tl.constexpr,
+    ):
+        t = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        cmask = cols < H
+        blk = cols // SCALE_BLOCK
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for k in tl.static_range(K):
+            row = tl.load(map_ptr + t * stride_map_t + k * stride_map_k).to(tl.int64)
+            valid = row >= 0
+            m = cmask & valid
+            w = tl.load(w_ptr + t * stride_w_t + k * stride_w_k).to(tl.float32)
+            s = tl.load(scale_ptr + row * stride_s_row + blk * stride_s_blk, mask=m, other=0.0)
+            x = tl.load(inp_ptr + row * stride_in + cols, mask=m, other=0.0)
+            acc += (x.to(tl.float32) * s) * tl.where(valid, w, 0.0)
+        tl.store(out_ptr + t * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
+
+
+def _require() -> None:
+    if not AVAILABLE:
+        raise RuntimeError("triton_peer: Triton is not installed")
+
+
+def finalize(input: Tensor, row_map: Tensor, weights: Tensor, out: Tensor | None = None) -> Tensor:
+    """out[t] = sum_k weights[t, k] * input[row_map[t, k]] (fp32 accumulation, dtype of input).
+
+    ``input`` [P, H] with unit last-dim stride; ``row_map`` [T, K] int32/int64 and
+    ``weights`` [T, K] with any strides; ``out`` [T, H] with unit last-dim stride.
+    """
+    _require()
+    num_tokens, k = row_map.shape
+    hidden = input.shape[1]
+    if out is None:
+        out = torch.empty((num_tokens, hidden), dtype=input.dtype, device=input.device)
+    if num_tokens == 0:
+        return out
+    _finalize_kernel[(num_tokens, triton.cdiv(hidden, BLOCK_H))](
+        input, row_map, weights, out,
+        hidden,
+        input.stride(0), row_map.stride(0), row_map.stride(1),
+        weights.stride(0), weights.stride(1), out.stride(0),
+        K=k, BLOCK=BLOCK_H, num_warps=NUM_WARPS,
+    )
+    return out
+
+
+def finalize_fp8(
+    input: Tensor,
+    scales: Tensor,
+    row_map: Tensor,
+    weights: Tensor,
+    out: Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> Tensor:
+    """FP8 variant: ``input`` [P, H] e4m3, ``scales`` [P, ceil(H/128)] fp32 (any strides).
+
+    out[t, h] = sum_k weights[t, k] * input[row, h] * scales[row, h // 128], row = row_map[t, k].
+    """
+    _require()
+    num_tokens, k = row_map.shape
+    hidden = input.shape[1]
+    if scales.shape != (input.shape[0], triton.cdiv(hidden, FP8_SCALE_BLOCK)):
+        raise ValueError(
+            f"triton_peer.finalize_fp8: scales must be [P, ceil(H/{FP8_SCALE_BLOCK})] = "
+            f"[{input.shape[0]}, {triton.cdiv(hidden, FP8_SCALE_BLOCK)}], got {list(scales.shape)}"
+        )
+    if out is None:
+        out = torch.empty((num_tokens, hidden), dtype=out_dtype, device=input.device)
+    if num_tokens == 0:
+        return out
+    _finalize_fp8_kernel[(num_tokens, triton.cdiv(hidden, BLOCK_H))](
+        input, scales, row_map, weights, out,
+        hidden,
+        input.stride(0), scales.stride(0), scales.stride(1),
+        row_map.stride(0), row_map.stride(1), weights.stride(0), weights.stride(1), out.stride(0),
+        K=k, BLOCK=BLOCK_H, SCALE_BLOCK=FP8_SCALE_BLOCK, num_warps=NUM_WARPS,
+    )
+    return out
