@@ -107,6 +107,25 @@ bool pdl_enabled();
 // The current torch CUDA stream of `device`.
 cudaStream_t current_stream(int device);
 
+// Makes `device` current for the scope; a no-op (one cudaGetDevice) when it already is, which
+// is the common case, so the hot path skips creating a torch DeviceGuard.
+class DeviceScope {
+ public:
+  explicit DeviceScope(int device) {
+    STD_CUDA_CHECK(cudaGetDevice(&previous_));
+    if (previous_ != device) STD_CUDA_CHECK(cudaSetDevice(device));
+    else previous_ = -1;
+  }
+  ~DeviceScope() {
+    if (previous_ >= 0) cudaSetDevice(previous_);
+  }
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+
+ private:
+  int previous_ = -1;
+};
+
 // Launches on the current stream of `device`, as a programmatic dependent launch where enabled.
 // Every kernel launched this way calls wait_for_upstream() before its first global read.
 template <typename... KernelParams, typename... Args>

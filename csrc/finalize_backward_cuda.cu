@@ -160,7 +160,7 @@ void launch_grad_weights(const FinalizeProblem& p, float* grad_weights, int devi
 
 void launch_grad_input_cuda(const FinalizeProblem& p, int32_t* count, int64_t* owner,
                             int device_index) {
-  torch::stable::accelerator::DeviceGuard guard(device_index);
+  DeviceScope scope(device_index);
   STD_TORCH_CHECK(p.num_rows <= 0x7fffffffLL, "finalize backward: too many input rows");
   switch (p.input_dtype) {
     case ScalarType::BFloat16: launch_grad_input<__nv_bfloat16>(p, count, owner, device_index); break;
@@ -170,7 +170,7 @@ void launch_grad_input_cuda(const FinalizeProblem& p, int32_t* count, int64_t* o
 }
 
 void launch_grad_weights_cuda(const FinalizeProblem& p, float* grad_weights, int device_index) {
-  torch::stable::accelerator::DeviceGuard guard(device_index);
+  DeviceScope scope(device_index);
   switch (p.input_dtype) {
     case ScalarType::BFloat16: launch_grad_weights<__nv_bfloat16>(p, grad_weights, device_index); break;
     case ScalarType::Half: launch_grad_weights<__half>(p, grad_weights, device_index); break;

@@ -14,6 +14,25 @@
 namespace moe_finalize {
 namespace {
 
+// A new contiguous [rows, cols] tensor on `like`'s device. The C shim skips the boxed dispatcher
+// call that torch::stable::new_empty makes: it is on the per-call hot path.
+Tensor allocate_like(const Tensor& like, int64_t rows, int64_t cols,
+                     std::optional<ScalarType> dtype = std::nullopt) {
+  int32_t device_type, torch_dtype;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_type(like.get(), &device_type));
+  if (dtype.has_value()) {
+    torch_dtype = torch::stable::detail::to<int32_t>(torch::stable::detail::from(*dtype));
+  } else {
+    STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_dtype(like.get(), &torch_dtype));
+  }
+  const int64_t sizes[2] = {rows, cols};
+  const int64_t strides[2] = {cols, 1};
+  AtenTensorHandle handle;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(
+      2, sizes, strides, torch_dtype, device_type, like.get_device_index(), &handle));
+  return Tensor(handle);
+}
+
 void launch(const FinalizeProblem& p, const Tensor& input) {
   if (p.num_tokens == 0 || p.hidden == 0) return;  // nothing to write: launch nothing
   if (input.is_cuda()) {
@@ -30,7 +49,7 @@ void launch(const FinalizeProblem& p, const Tensor& input) {
 Tensor finalize(Tensor input, std::optional<Tensor> row_map, std::optional<Tensor> weights,
                 std::optional<int64_t> top_k, std::optional<Tensor> residual, double scale) {
   FinalizeProblem p = check_finalize_args(input, row_map, weights, top_k, residual, scale, nullptr);
-  Tensor out = torch::stable::new_empty(input, {p.num_tokens, p.hidden});
+  Tensor out = allocate_like(input, p.num_tokens, p.hidden);
   bind_output(p, out);
   launch(p, input);
   return out;
@@ -66,7 +85,7 @@ Tensor finalize_grad_input(Tensor grad_out, Tensor input, std::optional<Tensor> 
                            std::optional<Tensor> weights, std::optional<int64_t> top_k,
                            double scale) {
   FinalizeProblem p = check_backward_args(grad_out, input, row_map, weights, top_k, scale);
-  Tensor grad_input = torch::stable::new_empty(input, {p.num_rows, p.hidden});
+  Tensor grad_input = allocate_like(input, p.num_rows, p.hidden);
   bind_output(p, grad_input);
   if (p.num_rows == 0 || p.hidden == 0) return grad_input;
   Tensor count = torch::stable::new_zeros(input, {p.num_rows}, ScalarType::Int);
@@ -80,7 +99,7 @@ Tensor finalize_grad_weights(Tensor grad_out, Tensor input, std::optional<Tensor
                              std::optional<Tensor> weights, std::optional<int64_t> top_k,
                              double scale) {
   FinalizeProblem p = check_backward_args(grad_out, input, row_map, weights, top_k, scale);
-  Tensor grad_weights = torch::stable::new_empty(input, {p.num_tokens, p.top_k}, ScalarType::Float);
+  Tensor grad_weights = allocate_like(input, p.num_tokens, p.top_k, ScalarType::Float);
   if (p.num_tokens > 0 && p.top_k > 0) {
     launch_grad_weights_cuda(p, static_cast<float*>(grad_weights.data_ptr()),
                              input.get_device_index());
