@@ -5,7 +5,7 @@ few layers so the file runs in well under a minute on 2 CPU cores) are run twice
 weights, once under transformers' stock ``grouped_mm`` (and its independent per-expert ``eager``
 loop) and once under ``moe_finalize``: logits, greedy generations, gradients of a training loss,
 and expert-parallel sentinel handling must agree. The same tests run on a GPU unchanged through
-the ``device`` parameter, which skips only where CUDA is absent.
+conftest's ``device`` fixture, whose "cuda" case skips only where CUDA is absent.
 """
 
 from __future__ import annotations
@@ -21,11 +21,6 @@ from transformers.integrations import moe as transformers_moe
 
 import moe_finalize_plugin
 from moe_finalize_plugin import transformers_experts
-
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
-]
 
 VOCAB = 128
 COMMON = dict(
@@ -131,11 +126,6 @@ def _assert_close_scaled(actual: Tensor, expected: Tensor, rel: float, what: str
     torch.testing.assert_close(actual, expected, rtol=0.0, atol=rel * scale, msg=lambda m: f"{what}: {m}")
 
 
-@pytest.fixture(params=DEVICES)
-def device(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
 def test_register_dispatches_to_finalize(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
     assert transformers_experts.register() == "moe_finalize"
     assert transformers_moe.ALL_EXPERTS_FUNCTIONS["moe_finalize"] is transformers_experts.moe_finalize_experts_forward
@@ -195,6 +185,25 @@ def test_experts_layer_matches(arch: str, dtype: torch.dtype, num_tokens: int, d
     rel = 1e-5 if dtype == torch.float32 else 2e-2
     _assert_close_scaled(fused.float(), outs["grouped_mm"].float(), rel, "vs grouped_mm")
     _assert_close_scaled(fused.double(), truth, 10 * rel, "vs fp64 eager")
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_fp32_activations_into_bf16_experts(arch: str, device: str) -> None:
+    """Under autocast, fp32 activations (a LayerNorm output) meet bf16 expert weights: grouped_mm
+    runs the GEMMs in bf16 and returns fp32, and so must moe_finalize."""
+    model = _build(arch, torch.bfloat16, device)
+    router, experts = _moe_blocks(model)[0]
+    gen = torch.Generator().manual_seed(13)
+    hidden = torch.randn(23, model.config.hidden_size, generator=gen).to(device)
+    with torch.no_grad():
+        _, weights, index = router(hidden.bfloat16())
+        outs = {}
+        for impl in ("grouped_mm", "moe_finalize"):
+            experts.config._experts_implementation = impl
+            outs[impl] = experts(hidden, index, weights)
+    assert outs["moe_finalize"].dtype == outs["grouped_mm"].dtype == torch.float32
+    # The fused sum rounds once to the bf16 GEMM dtype; grouped_mm may keep fp32 (fp32 weights).
+    _assert_close_scaled(outs["moe_finalize"], outs["grouped_mm"], 2e-2, "vs grouped_mm")
 
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
@@ -382,3 +391,22 @@ def test_expert_parallel_sentinels(arch: str, device: str, monkeypatch: pytest.M
     _assert_close_scaled(sum_out, full_out, 1e-5, "sum over ranks vs unsharded output")
     _assert_close_scaled(sum_dh, full_dh, 1e-5, "sum over ranks vs unsharded d hidden")
     _assert_close_scaled(sum_dw, full_dw, 1e-5, "sum over ranks vs unsharded d weights")
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_token_dispatch_call(arch: str, device: str) -> None:
+    """transformers >= 5.20's default EP plan (EpDispatchExpertsParallel) calls the experts with
+    the received tokens, top-1 ids and unit weights, and applies routing weights itself."""
+    model = _build(arch, torch.bfloat16, device)
+    _, experts = _moe_blocks(model)[0]
+    gen = torch.Generator().manual_seed(19)
+    tokens = torch.randn(41, model.config.hidden_size, generator=gen).to(device, torch.bfloat16)
+    expert_ids = torch.randint(0, experts.num_experts, (41, 1), generator=gen).to(device)
+    unit = torch.ones_like(expert_ids, dtype=tokens.dtype)
+    with torch.no_grad():
+        outs = {}
+        for impl in ("grouped_mm", "moe_finalize"):
+            experts.config._experts_implementation = impl
+            outs[impl] = experts(tokens, expert_ids, unit)
+    # K=1 with weight 1: both return the bf16 expert output row itself, bit for bit.
+    torch.testing.assert_close(outs["moe_finalize"], outs["grouped_mm"], rtol=0, atol=0)
