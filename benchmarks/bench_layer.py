@@ -28,8 +28,8 @@ uniform (real traffic is more skewed; the finalize step does not depend on the s
 finalize step's input is timed L2-resident, as it is in the layer, where the down projection
 has just written it.
 
-Writes ``<out-dir>/layer_<card-slug>.json`` and ``.png`` (PNG when matplotlib imports; else
-``--replot JSON`` later), then prints a table last.
+Writes ``<out-dir>/layer_<card-slug>.json``, ``.md`` (the README table) and ``.png`` (when
+matplotlib imports; else ``--replot JSON`` later), then prints a table last.
 
     python benchmarks/bench_layer.py                                   # full run, < 4 min on an H100
     python benchmarks/bench_layer.py --out-dir "$OUT"
@@ -405,12 +405,39 @@ def plot(records: Sequence[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def markdown(records: Sequence[dict[str, Any]]) -> str:
+    """The README table: per model and T, both layers, the finalize step's share, the speed-up."""
+    meta = records[0]
+    lines = [
+        f"{meta['card']}, {meta['dtype']}, torch {meta['torch']}, transformers {meta['transformers']}; "
+        "us per layer call (CUDA-graph GPU time where captured, else CUDA-event time of the eager call).",
+        "",
+        "| model | T | grouped_mm layer us | its finalize step | moe_finalize layer us | its finalize step "
+        "| layer speed-up | eager-call speed-up |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for rec in records:
+        if rec["impl"] != "moe_finalize":
+            continue
+        base = next(r for r in records if r["impl"] == "grouped_mm" and r["model"] == rec["model"] and r["T"] == rec["T"])
+        lines.append(
+            f"| {rec['model']} | {rec['T']} | {_layer_us(base):.1f} | {_finalize_us(base):.1f} us "
+            f"({100 * base['finalize_share']:.1f}%) | {_layer_us(rec):.1f} | {_finalize_us(rec):.1f} us "
+            f"({100 * rec['finalize_share']:.1f}%) | {rec['speedup']:.3f}x | {rec['speedup_event']:.3f}x |"
+        )
+    cut = {(r["model"], r["experts_used"], r["experts_real"], r["experts_note"]) for r in records if r["experts_note"]}
+    lines += [f"\n{m} ran with {u} of its {e} experts ({why})." for m, u, e, why in sorted(cut)]
+    return "\n".join(lines) + "\n"
+
+
 def write_outputs(records: list[dict[str, Any]], out_dir: Path, stem: str, make_plot: bool) -> list[Path]:
-    """JSON always; the PNG when asked and matplotlib is importable."""
+    """JSON and the markdown table always; the PNG when asked and matplotlib is importable."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"{stem}.json"
     json_path.write_text(json.dumps(records, indent=1) + "\n")
-    paths = [json_path]
+    md_path = out_dir / f"{stem}.md"
+    md_path.write_text(markdown(records))
+    paths = [json_path, md_path]
     if make_plot:
         try:
             paths.append(plot(records, out_dir / f"{stem}.png"))
