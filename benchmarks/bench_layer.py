@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import importlib
 import json
 import platform
@@ -49,9 +50,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -89,12 +91,24 @@ class LayerSpec:
 
 SPECS: dict[str, LayerSpec] = {
     "Qwen3-30B-A3B": LayerSpec(
-        "Qwen3-30B-A3B", "qwen3_moe", "transformers.models.qwen3_moe.modeling_qwen3_moe:Qwen3MoeSparseMoeBlock",
-        hidden=2048, experts=128, top_k=8, ffn=768, extra=dict(norm_topk_prob=True),
+        "Qwen3-30B-A3B",
+        "qwen3_moe",
+        "transformers.models.qwen3_moe.modeling_qwen3_moe:Qwen3MoeSparseMoeBlock",
+        hidden=2048,
+        experts=128,
+        top_k=8,
+        ffn=768,
+        extra=dict(norm_topk_prob=True),
     ),
     "DeepSeek-V3": LayerSpec(
-        "DeepSeek-V3", "deepseek_v3", "transformers.models.deepseek_v3.modeling_deepseek_v3:DeepseekV3MoE",
-        hidden=7168, experts=256, top_k=8, ffn=2048, groups=8,
+        "DeepSeek-V3",
+        "deepseek_v3",
+        "transformers.models.deepseek_v3.modeling_deepseek_v3:DeepseekV3MoE",
+        hidden=7168,
+        experts=256,
+        top_k=8,
+        ffn=2048,
+        groups=8,
         extra=dict(n_group=8, topk_group=4, routed_scaling_factor=2.5, n_shared_experts=1, norm_topk_prob=True),
     ),
 }
@@ -253,7 +267,13 @@ def resolve_experts(
 
 
 def bench_spec(
-    spec: LayerSpec, experts: int, experts_note: str, tokens: Sequence[int], timer: Timer, device: str, dtype: Any,
+    spec: LayerSpec,
+    experts: int,
+    experts_note: str,
+    tokens: Sequence[int],
+    timer: Timer,
+    device: str,
+    dtype: Any,
     meta: dict[str, Any],
 ) -> list[dict[str, Any]]:
     """Records for every (T, impl) of one layer."""
@@ -276,19 +296,13 @@ def bench_spec(
             per_impl: dict[str, dict[str, Any]] = {}
             for impl in IMPLS:
                 config._experts_implementation = impl
-
-                def layer() -> Any:
-                    return block(hidden)
-
+                layer = functools.partial(block, hidden)
                 if impl == "grouped_mm":
-
-                    def step() -> Any:
-                        return stock_finalize_step(proj_out, perm, weights, num_tokens, spec.top_k)
+                    step = functools.partial(stock_finalize_step, proj_out, perm, weights, num_tokens, spec.top_k)
                 else:
-
-                    def step() -> Any:
-                        return transformers_experts.finalize_step(proj_out, perm, index, weights, experts)
-
+                    step = functools.partial(
+                        transformers_experts.finalize_step, proj_out, perm, index, weights, experts
+                    )
                 outputs[impl] = layer().float()
                 layer_event = timer.eager_us(layer)
                 layer_graph, layer_graph_note = timer.graph_us(layer)
@@ -297,16 +311,28 @@ def bench_spec(
                 use_graph = layer_graph is not None and step_graph is not None
                 share = (step_graph / layer_graph) if use_graph else (step_event / layer_event)
                 per_impl[impl] = dict(
-                    layer_event_us=layer_event, layer_graph_us=layer_graph, graph_note=layer_graph_note,
-                    finalize_event_us=step_event, finalize_graph_us=step_graph, finalize_share=share,
+                    layer_event_us=layer_event,
+                    layer_graph_us=layer_graph,
+                    graph_note=layer_graph_note,
+                    finalize_event_us=step_event,
+                    finalize_graph_us=step_graph,
+                    finalize_share=share,
                     time_basis="graph" if use_graph else "event",
                 )
             ref = outputs["grouped_mm"]
             for impl in IMPLS:
                 rec = dict(
-                    meta, model=spec.name, T=num_tokens, K=spec.top_k, H=spec.hidden, ffn=spec.ffn,
-                    experts_real=SPECS[spec.name].experts, experts_used=experts, experts_note=experts_note,
-                    impl=impl, **per_impl[impl],
+                    meta,
+                    model=spec.name,
+                    T=num_tokens,
+                    K=spec.top_k,
+                    H=spec.hidden,
+                    ffn=spec.ffn,
+                    experts_real=SPECS[spec.name].experts,
+                    experts_used=experts,
+                    experts_note=experts_note,
+                    impl=impl,
+                    **per_impl[impl],
                     rel_diff=((outputs[impl] - ref).norm() / ref.norm()).item(),
                 )
                 records.append(rec)
@@ -334,8 +360,14 @@ def run_meta(device: str, dtype_name: str, quick: bool) -> dict[str, Any]:
     except (OSError, subprocess.CalledProcessError):
         commit = None
     return dict(
-        card=card, device=device, dtype=dtype_name, quick=quick, torch=torch.__version__,
-        transformers=transformers.__version__, python=platform.python_version(), commit=commit,
+        card=card,
+        device=device,
+        dtype=dtype_name,
+        quick=quick,
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        python=platform.python_version(),
+        commit=commit,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
 
@@ -362,21 +394,31 @@ def plot(records: Sequence[dict[str, Any]], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(r["model"] for r in records))
-    fig, axes = plt.subplots(2, len(models), figsize=(6.5 * len(models), 8), squeeze=False,
-                             gridspec_kw={"height_ratios": [2, 1]})
+    fig, axes = plt.subplots(
+        2, len(models), figsize=(6.5 * len(models), 8), squeeze=False, gridspec_kw={"height_ratios": [2, 1]}
+    )
     for col, model in enumerate(models):
         rows = [r for r in records if r["model"] == model]
         ax, ax_speed = axes[0][col], axes[1][col]
         for impl in IMPLS:
-            pts = sorted((r["T"], _layer_us(r), _finalize_us(r), r["finalize_share"]) for r in rows if r["impl"] == impl)
+            pts = sorted(
+                (r["T"], _layer_us(r), _finalize_us(r), r["finalize_share"]) for r in rows if r["impl"] == impl
+            )
             ts = [p[0] for p in pts]
             ax.plot(ts, [p[1] for p in pts], marker="o", color=COLORS[impl], label=f"{impl}: layer")
-            ax.plot(ts, [p[2] for p in pts], marker="x", linestyle="--", color=COLORS[impl],
-                    label=f"{impl}: finalize step")
+            ax.plot(
+                ts, [p[2] for p in pts], marker="x", linestyle="--", color=COLORS[impl], label=f"{impl}: finalize step"
+            )
             for t, layer_us, _, share in pts:
-                ax.annotate(f"{100 * share:.0f}%", (t, layer_us), textcoords="offset points",
-                            xytext=(0, 6 if impl == "grouped_mm" else -12), ha="center", fontsize=7,
-                            color=COLORS[impl])
+                ax.annotate(
+                    f"{100 * share:.0f}%",
+                    (t, layer_us),
+                    textcoords="offset points",
+                    xytext=(0, 6 if impl == "grouped_mm" else -12),
+                    ha="center",
+                    fontsize=7,
+                    color=COLORS[impl],
+                )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("tokens T")
@@ -385,8 +427,11 @@ def plot(records: Sequence[dict[str, Any]], path: Path) -> Path:
         used, real = rows[0]["experts_used"], rows[0]["experts_real"]
         note = rows[0]["experts_note"]
         experts = f"{used} experts" + (f" (of {real}: {note})" if note else "")
-        ax.set_title(f"{model}: H={rows[0]['H']}, K={rows[0]['K']}, FFN {rows[0]['ffn']}, {experts}\n"
-                     "labels: finalize step's share of the layer", fontsize=9)
+        ax.set_title(
+            f"{model}: H={rows[0]['H']}, K={rows[0]['K']}, FFN {rows[0]['ffn']}, {experts}\n"
+            "labels: finalize step's share of the layer",
+            fontsize=9,
+        )
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
         speed = sorted((r["T"], r["speedup"]) for r in rows if "speedup" in r)
@@ -397,8 +442,10 @@ def plot(records: Sequence[dict[str, Any]], path: Path) -> Path:
         ax_speed.set_xlabel("tokens T")
         ax_speed.set_ylabel("layer speed-up vs grouped_mm")
     meta = records[0]
-    fig.suptitle(f"one MoE layer, {meta['dtype']}, {meta['card']} (torch {meta['torch']}, "
-                 f"transformers {meta['transformers']})", fontsize=10)
+    fig.suptitle(
+        f"one MoE layer, {meta['dtype']}, {meta['card']} (torch {meta['torch']}, transformers {meta['transformers']})",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -419,7 +466,9 @@ def markdown(records: Sequence[dict[str, Any]]) -> str:
     for rec in records:
         if rec["impl"] != "moe_finalize":
             continue
-        base = next(r for r in records if r["impl"] == "grouped_mm" and r["model"] == rec["model"] and r["T"] == rec["T"])
+        base = next(
+            r for r in records if r["impl"] == "grouped_mm" and r["model"] == rec["model"] and r["T"] == rec["T"]
+        )
         lines.append(
             f"| {rec['model']} | {rec['T']} | {_layer_us(base):.1f} | {_finalize_us(base):.1f} us "
             f"({100 * base['finalize_share']:.1f}%) | {_layer_us(rec):.1f} | {_finalize_us(rec):.1f} us "
@@ -448,13 +497,17 @@ def write_outputs(records: list[dict[str, Any]], out_dir: Path, stem: str, make_
 
 def table(records: Sequence[dict[str, Any]]) -> str:
     """One line per (model, T): both layer times, both finalize steps and shares, speed-up."""
-    head = (f"{'model':<14} {'T':>5} {'basis':>5} | {'grouped_mm us':>13} {'finalize us':>11} {'share':>6} | "
-            f"{'moe_finalize us':>15} {'finalize us':>11} {'share':>6} | {'speed-up':>8} {'eager x':>7} {'rel diff':>8}")
+    head = (
+        f"{'model':<14} {'T':>5} {'basis':>5} | {'grouped_mm us':>13} {'finalize us':>11} {'share':>6} | "
+        f"{'moe_finalize us':>15} {'finalize us':>11} {'share':>6} | {'speed-up':>8} {'eager x':>7} {'rel diff':>8}"
+    )
     lines = [head, "-" * len(head)]
     for rec in records:
         if rec["impl"] != "moe_finalize":
             continue
-        base = next(r for r in records if r["impl"] == "grouped_mm" and r["model"] == rec["model"] and r["T"] == rec["T"])
+        base = next(
+            r for r in records if r["impl"] == "grouped_mm" and r["model"] == rec["model"] and r["T"] == rec["T"]
+        )
         lines.append(
             f"{rec['model']:<14} {rec['T']:>5} {rec['time_basis']:>5} | {_layer_us(base):>13.1f} "
             f"{_finalize_us(base):>11.1f} {100 * base['finalize_share']:>5.1f}% | {_layer_us(rec):>15.1f} "
@@ -479,7 +532,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     p.add_argument("--models", default=",".join(SPECS), help=f"comma list of {', '.join(SPECS)}")
     p.add_argument("--tokens", default=None, help=f"comma list of T (default {','.join(map(str, TOKENS))})")
-    p.add_argument("--experts", type=int, default=None, help="override the expert count (default: real, cut only to fit)")
+    p.add_argument(
+        "--experts", type=int, default=None, help="override the expert count (default: real, cut only to fit)"
+    )
     p.add_argument("--quick", action="store_true", help="toy sizes, T in {1,16,128}, few iterations: a logic check")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)

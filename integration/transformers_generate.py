@@ -20,8 +20,9 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -39,7 +40,9 @@ IMPLS = ("grouped_mm", "moe_finalize")
 # Per architecture: its MoE fields at a given (experts, top_k, ffn). Attention and dense sizes are
 # derived from --hidden so every architecture builds at any size.
 ARCH_FIELDS: dict[str, Callable[[int, int, int], dict[str, Any]]] = {
-    "qwen3_moe": lambda e, k, f: dict(num_experts=e, num_experts_per_tok=k, moe_intermediate_size=f, norm_topk_prob=True),
+    "qwen3_moe": lambda e, k, f: dict(
+        num_experts=e, num_experts_per_tok=k, moe_intermediate_size=f, norm_topk_prob=True
+    ),
     "qwen2_moe": lambda e, k, f: dict(
         num_experts=e, num_experts_per_tok=k, moe_intermediate_size=f, shared_expert_intermediate_size=4 * f
     ),
@@ -49,16 +52,29 @@ ARCH_FIELDS: dict[str, Callable[[int, int, int], dict[str, Any]]] = {
         num_local_experts=e, num_experts_per_tok=k, intermediate_size=f, max_position_embeddings=131072
     ),
     "deepseek_v3": lambda e, k, f: dict(
-        n_routed_experts=e, num_experts_per_tok=k, moe_intermediate_size=f, n_group=8, topk_group=4,
-        first_k_dense_replace=0, q_lora_rank=None, kv_lora_rank=128, qk_rope_head_dim=32, qk_nope_head_dim=64,
-        v_head_dim=64, head_dim=32,  # MLA: rotary head dim = qk_rope_head_dim
+        n_routed_experts=e,
+        num_experts_per_tok=k,
+        moe_intermediate_size=f,
+        n_group=8,
+        topk_group=4,
+        first_k_dense_replace=0,
+        q_lora_rank=None,
+        kv_lora_rank=128,
+        qk_rope_head_dim=32,
+        qk_nope_head_dim=64,
+        v_head_dim=64,
+        head_dim=32,  # MLA: rotary head dim = qk_rope_head_dim
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     ),
 }
 
 # (hidden, layers, experts, top_k, ffn, vocab, batch, prompt, new tokens)
-GPU_DEFAULTS = dict(hidden=2048, layers=4, experts=128, top_k=8, ffn=768, vocab=32000, batch=32, prompt_len=128, new_tokens=64)
-CPU_DEFAULTS = dict(hidden=256, layers=2, experts=32, top_k=8, ffn=128, vocab=1024, batch=4, prompt_len=32, new_tokens=16)
+GPU_DEFAULTS = dict(
+    hidden=2048, layers=4, experts=128, top_k=8, ffn=768, vocab=32000, batch=32, prompt_len=128, new_tokens=64
+)
+CPU_DEFAULTS = dict(
+    hidden=256, layers=2, experts=32, top_k=8, ffn=128, vocab=1024, batch=4, prompt_len=32, new_tokens=16
+)
 
 
 def build_model(args: argparse.Namespace, dtype: torch.dtype) -> PreTrainedModel:
@@ -137,12 +153,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     agree = (tokens["grouped_mm"] == tokens["moe_finalize"]).float().mean().item()
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     return dict(
-        device=device_name, arch=args.arch, dtype=args.dtype, hidden=args.hidden, layers=args.layers,
-        experts=args.experts, top_k=args.top_k, ffn=args.ffn, vocab=args.vocab, batch=args.batch,
-        prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
-        torch=torch.__version__, transformers=__import__("transformers").__version__,
-        token_agreement=agree, results=results,
-        generate_speedup=results["moe_finalize"]["generate_tokens_per_s"] / results["grouped_mm"]["generate_tokens_per_s"],
+        device=device_name,
+        arch=args.arch,
+        dtype=args.dtype,
+        hidden=args.hidden,
+        layers=args.layers,
+        experts=args.experts,
+        top_k=args.top_k,
+        ffn=args.ffn,
+        vocab=args.vocab,
+        batch=args.batch,
+        prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        torch=torch.__version__,
+        transformers=__import__("transformers").__version__,
+        token_agreement=agree,
+        results=results,
+        generate_speedup=results["moe_finalize"]["generate_tokens_per_s"]
+        / results["grouped_mm"]["generate_tokens_per_s"],
         prefill_speedup=results["grouped_mm"]["prefill_ms"] / results["moe_finalize"]["prefill_ms"],
     )
 
@@ -162,7 +191,8 @@ def report(summary: dict[str, Any]) -> str:
             f"{r['generate_s']:>11.3f} {r['generate_tokens_per_s']:>15.1f}"
         )
     lines.append(
-        f"moe_finalize speed-up: generate {summary['generate_speedup']:.3f}x, prefill {summary['prefill_speedup']:.3f}x; "
+        f"moe_finalize speed-up: generate {summary['generate_speedup']:.3f}x, "
+        f"prefill {summary['prefill_speedup']:.3f}x; "
         f"generated tokens identical: {100 * summary['token_agreement']:.1f}%"
     )
     return "\n".join(lines)
@@ -174,8 +204,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--arch", choices=sorted(ARCH_FIELDS), default="qwen3_moe")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     for name in GPU_DEFAULTS:
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
-                       help=f"default {GPU_DEFAULTS[name]} on a GPU, {CPU_DEFAULTS[name]} on CPU")
+        p.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=int,
+            default=None,
+            help=f"default {GPU_DEFAULTS[name]} on a GPU, {CPU_DEFAULTS[name]} on CPU",
+        )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the summary here")

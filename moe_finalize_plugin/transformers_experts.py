@@ -60,7 +60,7 @@ def moe_finalize_experts_forward(
         the rounding of the weighted sum (here fp32 throughout, one rounding at the end).
     """
     device = hidden_states.device
-    num_tokens, num_top_k = top_k_index.shape
+    num_top_k = top_k_index.shape[-1]
     num_experts = self.num_experts
 
     # Sort the (token, slot) pairs by expert, exactly as grouped_mm does: sentinels sort to the
@@ -103,9 +103,7 @@ def moe_finalize_experts_forward(
     proj_out = self._apply_gate(proj_out) if self.has_gate else self.act_fn(proj_out)
 
     down_biases = self.down_proj_bias[expert_ids_g] if self.has_bias else None
-    proj_out = _grouped_linear(
-        proj_out, self.down_proj, offsets, bias=down_biases, is_transposed=self.is_transposed
-    )
+    proj_out = _grouped_linear(proj_out, self.down_proj, offsets, bias=down_biases, is_transposed=self.is_transposed)
     # No mask after the down projection: finalize never reads a row whose map entry is -1,
     # so its backward also leaves those rows' gradients at zero.
     if getattr(self, "has_post_expert_norm", False):

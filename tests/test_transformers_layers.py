@@ -42,26 +42,49 @@ ARCHS: dict[str, dict] = {
     "mixtral": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32),
     # K=8 of 16, norm_topk_prob, bf16 routing weights in a bf16 model.
     "qwen3_moe": dict(
-        num_experts=16, num_experts_per_tok=8, norm_topk_prob=True, moe_intermediate_size=32,
-        intermediate_size=64, head_dim=16,
+        num_experts=16,
+        num_experts_per_tok=8,
+        norm_topk_prob=True,
+        moe_intermediate_size=32,
+        intermediate_size=64,
+        head_dim=16,
     ),
     # K=4 of 8 plus a sigmoid-gated shared expert.
     "qwen2_moe": dict(
-        num_experts=8, num_experts_per_tok=4, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+        num_experts=8,
+        num_experts_per_tok=4,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
         intermediate_size=64,
     ),
     # Grouped sigmoid routing (8 groups, 4 kept), K=8 of 32, shared expert, routed scaling 2.5,
     # a dense first layer, MLA attention.
     "deepseek_v3": dict(
-        n_routed_experts=32, num_experts_per_tok=8, n_group=8, topk_group=4, routed_scaling_factor=2.5,
-        n_shared_experts=1, norm_topk_prob=True, moe_intermediate_size=32, intermediate_size=64,
-        first_k_dense_replace=1, num_hidden_layers=3, q_lora_rank=32, kv_lora_rank=16,
-        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+        n_routed_experts=32,
+        num_experts_per_tok=8,
+        n_group=8,
+        topk_group=4,
+        routed_scaling_factor=2.5,
+        n_shared_experts=1,
+        norm_topk_prob=True,
+        moe_intermediate_size=32,
+        intermediate_size=64,
+        first_k_dense_replace=1,
+        num_hidden_layers=3,
+        q_lora_rank=32,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=16,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     ),
     # K=4 of 8, transposed interleaved gate_up with per-expert biases, clamped SwiGLU, YaRN.
     "gpt_oss": dict(
-        num_local_experts=8, num_experts_per_tok=4, intermediate_size=32, head_dim=16, sliding_window=16,
+        num_local_experts=8,
+        num_experts_per_tok=4,
+        intermediate_size=32,
+        head_dim=16,
+        sliding_window=16,
         max_position_embeddings=131072,  # 32 x 4096, the ratio its YaRN defaults expect
     ),
     # K=8 of 16, no renormalisation.
@@ -332,7 +355,9 @@ def _poison_tail(grouped_linear: Callable[..., Tensor]) -> Callable[..., Tensor]
     grouped_mm never writes those rows: on CUDA they hold whatever the allocator left, on CPU
     often zeros. NaN makes any leak of them into outputs or gradients visible on every device."""
 
-    def poisoned(input: Tensor, weight: Tensor, offs: Tensor, bias: Tensor | None = None, is_transposed: bool = False) -> Tensor:
+    def poisoned(
+        input: Tensor, weight: Tensor, offs: Tensor, bias: Tensor | None = None, is_transposed: bool = False
+    ) -> Tensor:
         out = grouped_linear(input, weight, offs, bias=bias, is_transposed=is_transposed)
         tail = torch.arange(out.shape[0], device=out.device) >= offs[-1]
         return out.masked_fill(tail.unsqueeze(-1), float("nan"))
