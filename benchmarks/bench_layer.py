@@ -231,7 +231,10 @@ def route(block: Any, hidden: Any) -> tuple[Any, Any]:
 
 
 def stock_finalize_step(proj_out: Any, perm: Any, top_k_weights: Any, num_tokens: int, top_k: int) -> Any:
-    """What transformers' grouped_mm does after the down projection (same lines, same order)."""
+    """What transformers' grouped_mm does after the down projection (same lines, same order).
+
+    transformers 5.16/5.17 also zero the sentinel rows of the down projection's output first,
+    on every call; that pass is left out here, so the stock step is if anything under-counted."""
     import torch
 
     sample_weights_g = top_k_weights.reshape(-1)[perm]
