@@ -138,11 +138,17 @@ def finalize_step(
     return moe_finalize_plugin.finalize(proj_out, row_map, top_k_weights)
 
 
-def register(name: str = EXPERTS_IMPLEMENTATION) -> str:
+def register(name: str = EXPERTS_IMPLEMENTATION, *, replace_grouped_mm: bool = False) -> str:
     """Add the implementation to transformers' global ExpertsInterface; returns the name.
 
     Idempotent. After it, ``experts_implementation=name`` works in ``from_pretrained`` /
     ``from_config`` and ``model.set_experts_implementation(name)`` on a built model.
+
+    ``replace_grouped_mm=True`` also installs it under ``"grouped_mm"``, the implementation
+    transformers picks when none is requested, for the whole process: the way to reach code that
+    loads models itself, such as ``transformers serve`` (call it from a ``sitecustomize.py``).
     """
     ALL_EXPERTS_FUNCTIONS.register(name, moe_finalize_experts_forward)
+    if replace_grouped_mm:
+        ALL_EXPERTS_FUNCTIONS.register("grouped_mm", moe_finalize_experts_forward)
     return name

@@ -178,6 +178,25 @@ def test_register_dispatches_to_finalize(device: str, monkeypatch: pytest.Monkey
     assert calls == []
 
 
+def test_replace_grouped_mm_reaches_default_models(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """register(replace_grouped_mm=True) serves models that request no implementation (transformers
+    serve, pipelines); monkeypatch puts the stock grouped_mm back afterwards."""
+    mapping = transformers_moe.ExpertsInterface._global_mapping
+    monkeypatch.setitem(mapping, "grouped_mm", transformers_moe.grouped_mm_experts_forward)
+    transformers_experts.register(replace_grouped_mm=True)
+    assert mapping["grouped_mm"] is transformers_experts.moe_finalize_experts_forward
+
+    config = AutoConfig.for_model("olmoe", **{**COMMON, **ARCHS["olmoe"]})
+    model = AutoModelForCausalLM.from_config(config).to(device)
+    assert model.config._experts_implementation == "grouped_mm"
+    calls = []
+    real_finalize = moe_finalize_plugin.finalize
+    monkeypatch.setattr(moe_finalize_plugin, "finalize", lambda *a, **k: calls.append(1) or real_finalize(*a, **k))
+    with torch.no_grad():
+        model(_input_ids(1, 4, device, seed=2))
+    assert len(calls) == config.num_hidden_layers
+
+
 @pytest.mark.parametrize("num_tokens", [1, 37])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("arch", ARCH_NAMES)
