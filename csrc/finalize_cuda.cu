@@ -21,7 +21,7 @@ namespace moe_finalize {
 namespace {
 
 constexpr int kSlotChunk = 64;    // slots staged in shared memory per pass
-constexpr int kMaxThreads = 512;  // threads per block at most (a whole 4096-wide bf16 row)
+constexpr int kMaxThreads = 256;  // threads per block at most
 
 // ---- the kernel ----------------------------------------------------------------------------
 
@@ -29,7 +29,6 @@ struct KernelArgs {
   FinalizeProblem p;
   int64_t body_units;  // H / VEC full vectors per row
   int64_t units;       // body_units + H % VEC scalar tail columns
-  int64_t col_blocks;  // blocks per token
 };
 
 // acc[0..W) += w[j] * row_j[col..col+W) for the n staged slots, G rows in flight at a time.
@@ -91,10 +90,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   __shared__ int64_t s_off[kSlotChunk];  // element offset of the source row, -1 = skip
   __shared__ float s_w[kSlotChunk];
   const FinalizeProblem& p = args.p;
-  // 1-D grid with the column slice varying fastest: consecutive blocks stream one token's
-  // rows end to end (DRAM page locality) and share its staged map entries in L1/L2.
-  const int64_t t = blockIdx.x / args.col_blocks;
-  const int64_t unit = (blockIdx.x % args.col_blocks) * blockDim.x + threadIdx.x;
+  const int64_t t = blockIdx.x;
+  const int64_t unit = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   const bool is_vector = unit < args.body_units;
   const int64_t col = is_vector ? unit * VEC : args.body_units * VEC + (unit - args.body_units);
   const T* col_ptr = static_cast<const T*>(p.input) + col;
@@ -137,11 +134,11 @@ bool aligned(const void* ptr, int64_t row_stride, int vec, size_t elem_size) {
 }
 
 // Threads per block: enough blocks to cover every SM about twice even at tiny T (split the row
-// across blocks); at large T up to kMaxThreads, so a token's map entries are staged fewer times.
+// across blocks), but no block wider than the row or than kMaxThreads.
 int pick_threads(int64_t num_tokens, int64_t units, int sm_count) {
   const int64_t target_blocks = 2LL * sm_count;
   int64_t threads = (num_tokens * units + target_blocks - 1) / target_blocks;
-  threads = std::max<int64_t>(32, std::min<int64_t>(kMaxThreads, threads));
+  threads = std::max<int64_t>(32, std::min<int64_t>(128, threads));
   threads = std::min<int64_t>(threads, ((units + 31) / 32) * 32);
   return static_cast<int>((threads + 31) / 32 * 32);
 }
@@ -149,15 +146,14 @@ int pick_threads(int64_t num_tokens, int64_t units, int sm_count) {
 template <typename T, int VEC>
 void launch_typed(const FinalizeProblem& p, int device) {
   const DeviceInfo& info = device_info(device);
-  KernelArgs args{p, p.hidden / VEC, p.hidden / VEC + p.hidden % VEC, 0};
+  KernelArgs args{p, p.hidden / VEC, p.hidden / VEC + p.hidden % VEC};
   const int threads = pick_threads(p.num_tokens, args.units, info.sm_count);
-  args.col_blocks = (args.units + threads - 1) / threads;
-  STD_TORCH_CHECK(p.num_tokens * args.col_blocks <= 0x7fffffffLL,
-                  "finalize: T * H is too large for one launch");
+  const int64_t col_blocks = (args.units + threads - 1) / threads;
+  STD_TORCH_CHECK(col_blocks <= 65535, "finalize: hidden size ", p.hidden, " is too large");
 
   launch_kernel(finalize_kernel<T, VEC>,
-                dim3(static_cast<unsigned>(p.num_tokens * args.col_blocks)), dim3(threads),
-                device, args);
+                dim3(static_cast<unsigned>(p.num_tokens), static_cast<unsigned>(col_blocks)),
+                dim3(threads), device, args);
 }
 
 template <typename T>
@@ -210,6 +206,7 @@ cudaStream_t current_stream(int device) {
 }
 
 void launch_finalize_cuda(const FinalizeProblem& p, int device_index) {
+  STD_TORCH_CHECK(p.num_tokens <= 0x7fffffffLL, "finalize: too many tokens for one launch");
   STD_TORCH_CHECK(device_index >= 0 && device_index < kMaxDevices, "finalize: bad device index");
   DeviceScope scope(device_index);
   switch (p.input_dtype) {
