@@ -22,6 +22,12 @@ namespace {
 
 constexpr int kSlotChunk = 64;    // slots staged in shared memory per pass
 constexpr int kMaxThreads = 256;  // threads per block at most
+#ifndef MF_DIRECT_UNITS_PER_SM
+#define MF_DIRECT_UNITS_PER_SM 256
+#endif
+// Grids with fewer 16-byte units than this per SM take the barrier-free small-grid kernel
+// (measured on H100, K=8 H=4096: it wins at T <= 16, loses from T = 128).
+constexpr int64_t kDirectUnitsPerSm = MF_DIRECT_UNITS_PER_SM;
 
 // ---- the kernel ----------------------------------------------------------------------------
 
@@ -127,6 +133,75 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
+// ---- the small-grid kernel ------------------------------------------------------------------
+// At small T the time is a chain of dependent memory round trips, and the staging barrier above
+// adds to it. Here every thread reads the slot metadata itself (a warp-wide broadcast load,
+// L1-resident after the first warp) and issues its row loads straight after: no barrier. Same
+// arithmetic in the same k-order as finalize_kernel, so results are bitwise identical.
+
+__device__ __forceinline__ void load_slot(const FinalizeProblem& p, int64_t t, int64_t k,
+                                          int64_t& offset, float& weight) {
+  const int64_t row = load_row(p, t, k);
+  const bool valid = row >= 0 && row < p.num_rows;  // never read outside input
+  offset = valid ? row * p.input_row_stride : -1;
+  weight = valid ? load_weight(p, t, k) : 0.0f;
+}
+
+template <typename T, int W, int G>
+__device__ __forceinline__ int64_t accumulate_group_direct(float* acc, const FinalizeProblem& p,
+                                                           int64_t t, const T* col_ptr, int64_t j) {
+  for (; j + G <= p.top_k; j += G) {
+    int64_t off[G];
+    float w[G];
+#pragma unroll
+    for (int u = 0; u < G; ++u) load_slot(p, t, j + u, off[u], w[u]);
+    Pack<T, W> rows[G];
+#pragma unroll
+    for (int u = 0; u < G; ++u) {
+      if (off[u] >= 0) {
+        rows[u] = load_stream<T, W>(col_ptr + off[u]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < W; ++e) rows[u].v[e] = Elem<T>::store(0.0f);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < G; ++u) {
+#pragma unroll
+      for (int e = 0; e < W; ++e) acc[e] = fmaf(w[u], Elem<T>::load(rows[u].v[e]), acc[e]);
+    }
+  }
+  return j;
+}
+
+template <typename T, int W>
+__device__ __forceinline__ void finalize_cols_direct(const FinalizeProblem& p, int64_t t,
+                                                     int64_t col) {
+  const T* col_ptr = static_cast<const T*>(p.input) + col;
+  float acc[W];
+#pragma unroll
+  for (int e = 0; e < W; ++e) acc[e] = 0.0f;
+  int64_t j = accumulate_group_direct<T, W, 8>(acc, p, t, col_ptr, 0);
+  j = accumulate_group_direct<T, W, 4>(acc, p, t, col_ptr, j);
+  j = accumulate_group_direct<T, W, 2>(acc, p, t, col_ptr, j);
+  accumulate_group_direct<T, W, 1>(acc, p, t, col_ptr, j);
+  store_result<T, W>(p, t, col, acc);
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kMaxThreads)
+    finalize_direct_kernel(const __grid_constant__ KernelArgs args) {
+  const int64_t t = blockIdx.x;
+  const int64_t unit = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  wait_for_upstream();
+  let_downstream_launch();
+  if (unit < args.body_units) {
+    finalize_cols_direct<T, VEC>(args.p, t, unit * VEC);
+  } else if (unit < args.units) {
+    finalize_cols_direct<T, 1>(args.p, t, args.body_units * VEC + (unit - args.body_units));
+  }
+}
+
 // ---- host side -----------------------------------------------------------------------------
 
 bool aligned(const void* ptr, int64_t row_stride, int vec, size_t elem_size) {
@@ -151,9 +226,12 @@ void launch_typed(const FinalizeProblem& p, int device) {
   const int64_t col_blocks = (args.units + threads - 1) / threads;
   STD_TORCH_CHECK(col_blocks <= 65535, "finalize: hidden size ", p.hidden, " is too large");
 
-  launch_kernel(finalize_kernel<T, VEC>,
-                dim3(static_cast<unsigned>(p.num_tokens), static_cast<unsigned>(col_blocks)),
-                dim3(threads), device, args);
+  const dim3 grid(static_cast<unsigned>(p.num_tokens), static_cast<unsigned>(col_blocks));
+  if (p.num_tokens * args.units < kDirectUnitsPerSm * info.sm_count) {
+    launch_kernel(finalize_direct_kernel<T, VEC>, grid, dim3(threads), device, args);
+  } else {
+    launch_kernel(finalize_kernel<T, VEC>, grid, dim3(threads), device, args);
+  }
 }
 
 template <typename T>

@@ -5,7 +5,7 @@ set -uo pipefail
 args=$1; shift
 for name in "$@"; do
   dir=/tmp/variant_$name; rm -rf "$dir"; mkdir -p "$dir"
-  cp -r moe_finalize_plugin "$dir/"; cp ".carry/$name.so" "$dir/moe_finalize_plugin/_C.abi3.so"
+  cp -r "${PKG:-moe_finalize_plugin}" "$dir/"; cp ".carry/$name.so" "$dir/moe_finalize_plugin/_C.abi3.so"
   echo "=== variant $name"
   PYTHONPATH=$dir python3 benchmarks/bench_finalize.py --skip-compile --skip-host --no-plot \
     --out-dir "${OUT:-/tmp}/variant_$name" $args 2>&1 | tail -${TAIL:-14}
