@@ -14,7 +14,7 @@ pip() { "$VENV/bin/python" -m pip "$@"; }
 # vLLM 0.33.0 pins torch==2.14.0: build and test against that one torch.
 pip install -q --disable-pip-version-check "torch==2.14.0" ninja setuptools wheel numpy pytest
 if [[ $mode == test ]]; then
-  pip install -q --disable-pip-version-check "vllm==0.33.0" "torch==2.14.0"
+  pip install -q --disable-pip-version-check "vllm==0.33.0" "torch==2.14.0" matplotlib
 fi
 # Editable install: registers the entry points (moe-finalize, vllm.general_plugins) and builds
 # moe_finalize_plugin/_C.abi3.so in place. CUDA kernels compile whenever nvcc is present.
