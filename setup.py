@@ -47,7 +47,8 @@ def extension():
                   *STABLE_ABI_FLAGS]
     return cpp_extension.CUDAExtension(
         "moe_finalize_plugin._C",
-        sources + ["csrc/finalize_cuda.cu", "csrc/finalize_backward_cuda.cu"],
+        sources + ["csrc/finalize_cuda.cu", "csrc/finalize_ext_cuda.cu",
+                   "csrc/finalize_backward_cuda.cu"],
         extra_compile_args={"cxx": cxx_flags + ["-DUSE_CUDA"], "nvcc": nvcc_flags},
         py_limited_api=True,
     )

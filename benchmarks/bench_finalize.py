@@ -361,10 +361,11 @@ def compiled_impl(reference: Any) -> Impl:
 
 
 def ours_fp8_call(mf: Any) -> Callable[[InputSet], Tensor] | None:
-    """Ours on FP8 rows, once the package has it (issue 7 names the argument ``input_scales``).
+    """Ours on FP8 rows: e4m3 input with per-128-column-block scales ``[P, ceil(H/128)]``
+    (``input_scales``), written into the bf16 ``out`` (out decides the output dtype).
 
-    This is the one place to adapt when the FP8 API lands; until then it returns None and
-    the FP8 rows carry only the Triton FP8 peer."""
+    Returns None for a package without ``input_scales`` (before issue 7): the FP8 rows then
+    carry only the Triton FP8 peer."""
     if mf is None or not hasattr(mf, "finalize"):
         return None
     try:

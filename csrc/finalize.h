@@ -7,11 +7,16 @@ namespace moe_finalize {
 
 // Raises on a map entry >= P before writing anything, then fills problem.out.
 void launch_finalize_cpu(const FinalizeProblem& problem);
+// finalize_fp8_out: e4m3 rows into problem.out, one scale per 128 columns into out_scales.
+void launch_finalize_fp8_out_cpu(const FinalizeProblem& problem);
 
 #ifdef USE_CUDA
 // Enqueues on the current CUDA stream of the input's device; never synchronizes with the host.
 // Map entries outside [0, P) are skipped in-kernel.
 void launch_finalize_cuda(const FinalizeProblem& problem, int device_index);
+// FP8 input and/or per-expert bias (finalize_ext_cuda.cu); expert ids outside [0, E) add no bias.
+void launch_finalize_ext_cuda(const FinalizeProblem& problem, int device_index);
+void launch_finalize_fp8_out_cuda(const FinalizeProblem& problem, int device_index);
 
 // Backward (problem.residual holds grad_out). grad_input into problem.out, using `count` (P
 // zeroed int32) and `owner` (P int64) as scratch; grad_weights as fp32 [T, K] contiguous.

@@ -6,8 +6,10 @@
 #include <torch/headeronly/util/Exception.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 namespace moe_finalize {
 namespace {
@@ -130,6 +132,14 @@ void check_map_in_range(const FinalizeProblem& p) {
 }
 
 template <typename elem_t>
+inline void prefetch_chunk(const elem_t* ptr, int64_t n) {
+  const char* bytes = reinterpret_cast<const char*>(ptr);
+  for (int64_t offset = 0; offset < n * static_cast<int64_t>(sizeof(elem_t)); offset += 64) {
+    __builtin_prefetch(bytes + offset, 0, 0);
+  }
+}
+
+template <typename elem_t>
 void finalize_rows(const FinalizeProblem& p) {
   const int64_t chunks_per_token = (p.hidden + kChunk - 1) / kChunk;
   const int64_t work_items = p.num_tokens * chunks_per_token;
@@ -145,11 +155,17 @@ void finalize_rows(const FinalizeProblem& p) {
       const int64_t col = (item % chunks_per_token) * kChunk;
       const int64_t n = std::min(kChunk, p.hidden - col);
       std::fill(acc, acc + n, 0.0f);
+      int64_t row = map_entry(p, t, 0);
       for (int64_t k = 0; k < p.top_k; ++k) {  // fixed k-order: batch invariant
-        const int64_t row = map_entry(p, t, k);
-        if (row < 0) continue;
-        RowOps<elem_t>::axpy(acc, input + row * p.input_row_stride + col, weight_entry(p, t, k),
-                             n);
+        // Rows come in random order, which the hardware prefetcher cannot follow: fetch the
+        // next slot's chunk while this one streams through the accumulator.
+        const int64_t next_row = k + 1 < p.top_k ? map_entry(p, t, k + 1) : -1;
+        if (next_row >= 0) prefetch_chunk(input + next_row * p.input_row_stride + col, n);
+        if (row >= 0) {
+          RowOps<elem_t>::axpy(acc, input + row * p.input_row_stride + col,
+                               weight_entry(p, t, k), n);
+        }
+        row = next_row;
       }
       RowOps<elem_t>::store(out + t * p.out_row_stride + col, acc,
                             residual ? residual + t * p.residual_row_stride + col : nullptr,
@@ -158,16 +174,172 @@ void finalize_rows(const FinalizeProblem& p) {
   });
 }
 
+// ---- FP8 input, per-expert bias, FP8 output (issue 7) -----------------------------------------
+// A separate path so the plain rows above keep their tight loops: each source chunk is first
+// widened to fp32 (dequantised, bias added), then accumulated in the same fixed k-order.
+
+// e4m3fn -> fp32 for all 256 codes: exponent bias 7, no infinities, 0x7f/0xff are NaN.
+struct E4m3Table {
+  float value[256];
+  E4m3Table() {
+    for (int code = 0; code < 256; ++code) {
+      const int exponent = (code >> 3) & 0xf, mantissa = code & 0x7;
+      float v = exponent == 0 ? std::ldexp(static_cast<float>(mantissa), -9)
+                              : std::ldexp(1.0f + mantissa / 8.0f, exponent - 7);
+      if ((code & 0x7f) == 0x7f) v = std::numeric_limits<float>::quiet_NaN();
+      value[code] = (code & 0x80) ? -v : v;
+    }
+  }
+};
+const E4m3Table kE4m3;
+
+// fp32 -> e4m3fn, round to nearest even, saturating to +-448 (as __NV_SATFINITE); NaN stays NaN.
+uint8_t float_to_e4m3(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  const uint8_t sign = static_cast<uint8_t>((u >> 24) & 0x80u);
+  const float a = std::fabs(f);
+  if (std::isnan(f)) return sign | 0x7f;
+  if (a >= 464.0f) return sign | 0x7e;  // 464 is the tie between 448 and the (absent) 480
+  if (a < 0.015625f) {  // below 2^-6: subnormal steps of 2^-9 (8 rounds up to the first normal)
+    return sign | static_cast<uint8_t>(std::nearbyint(a * 512.0f));
+  }
+  uint32_t bits;
+  std::memcpy(&bits, &a, sizeof bits);
+  bits += 0x7ffffu + ((bits >> 20) & 1u);  // round the 23-bit mantissa to 3 bits
+  return sign | static_cast<uint8_t>((bits >> 20) - ((127 - 7) << 3));
+}
+
+float load_float(const void* base, ScalarType dtype, int64_t offset) {
+  switch (dtype) {
+    case ScalarType::Float: return static_cast<const float*>(base)[offset];
+    case ScalarType::BFloat16: return bf16_to_float(static_cast<const uint16_t*>(base)[offset]);
+    case ScalarType::Half: return static_cast<float>(static_cast<const _Float16*>(base)[offset]);
+    default: return kE4m3.value[static_cast<const uint8_t*>(base)[offset]];
+  }
+}
+
+int64_t expert_entry(const FinalizeProblem& p, int64_t t, int64_t k) {
+  const int64_t offset = t * p.expert_stride_t + k * p.expert_stride_k;
+  return p.expert_ids_is_int64 ? static_cast<const int64_t*>(p.expert_ids)[offset]
+                               : static_cast<const int32_t*>(p.expert_ids)[offset];
+}
+
+// Runs before anything is written. Skipped slots may hold any id (e.g. -1).
+void check_experts_in_range(const FinalizeProblem& p) {
+  if (p.bias == nullptr) return;
+  for (int64_t t = 0; t < p.num_tokens; ++t) {
+    for (int64_t k = 0; k < p.top_k; ++k) {
+      if (map_entry(p, t, k) < 0) continue;
+      const int64_t e = expert_entry(p, t, k);
+      STD_TORCH_CHECK(e >= 0 && e < p.num_experts, "finalize: expert_ids[", t, ", ", k, "] = ", e,
+                      " is out of range for bias with ", p.num_experts,
+                      " experts (valid: 0..E-1 for every slot whose row_map entry is >= 0)");
+    }
+  }
+}
+
+// acc[0..n) = residual[t, col..] + scale * sum_k w[t, k] * (dequant(input[row, col..]) +
+//             bias[expert, col..]), computed in fp32; `row` is scratch.
+void finalize_chunk_fp32(const FinalizeProblem& p, int64_t t, int64_t col, int64_t n, float* acc,
+                         float* row) {
+  std::fill(acc, acc + n, 0.0f);
+  for (int64_t k = 0; k < p.top_k; ++k) {  // fixed k-order: batch invariant
+    const int64_t r = map_entry(p, t, k);
+    if (r < 0) continue;
+    const int64_t base = r * p.input_row_stride + col;
+    for (int64_t i = 0; i < n; ++i) row[i] = load_float(p.input, p.input_dtype, base + i);
+    if (p.scales != nullptr) {
+      const float* s = p.scales + r * p.scale_stride_row;
+      for (int64_t i = 0; i < n; ++i) row[i] *= s[((col + i) / kScaleBlock) * p.scale_stride_block];
+    }
+    if (p.bias != nullptr) {
+      const int64_t b = expert_entry(p, t, k) * p.bias_row_stride + col;
+      for (int64_t i = 0; i < n; ++i) row[i] += load_float(p.bias, p.bias_dtype, b + i);
+    }
+    const float w = weight_entry(p, t, k);
+    for (int64_t i = 0; i < n; ++i) acc[i] += w * row[i];
+  }
+  for (int64_t i = 0; i < n; ++i) acc[i] *= p.scale;
+  if (p.residual != nullptr) {
+    const int64_t base = t * p.residual_row_stride + col;
+    for (int64_t i = 0; i < n; ++i) {
+      acc[i] = load_float(p.residual, p.residual_dtype, base + i) + acc[i];
+    }
+  }
+}
+
+void store_float(void* out, ScalarType dtype, int64_t offset, const float* v, int64_t n) {
+  switch (dtype) {
+    case ScalarType::Float: std::copy(v, v + n, static_cast<float*>(out) + offset); break;
+    case ScalarType::BFloat16: {
+      auto* o = static_cast<uint16_t*>(out) + offset;
+      for (int64_t i = 0; i < n; ++i) o[i] = float_to_bf16(v[i]);
+      break;
+    }
+    default: {
+      auto* o = static_cast<_Float16*>(out) + offset;
+      for (int64_t i = 0; i < n; ++i) o[i] = static_cast<_Float16>(v[i]);
+    }
+  }
+}
+
+// Each 128-column block of `v` (starting at column `col`) becomes e4m3 codes and one scale.
+void quantize_chunk(const FinalizeProblem& p, int64_t t, int64_t col, int64_t n, const float* v) {
+  auto* out = static_cast<uint8_t*>(p.out) + t * p.out_row_stride + col;
+  for (int64_t b0 = 0; b0 < n; b0 += kScaleBlock) {
+    const int64_t len = std::min(kScaleBlock, n - b0);
+    float amax = 0.0f;
+    for (int64_t i = 0; i < len; ++i) amax = std::max(amax, std::fabs(v[b0 + i]));
+    const float s = std::max(amax, p.amax_floor) / 448.0f;
+    for (int64_t i = 0; i < len; ++i) out[b0 + i] = float_to_e4m3(v[b0 + i] / s);
+    const int64_t block = (col + b0) / kScaleBlock;
+    p.out_scales[t * p.out_scale_stride_t + block * p.out_scale_stride_block] = s;
+  }
+}
+
+void finalize_rows_fp32(const FinalizeProblem& p, bool fp8_out) {
+  const int64_t chunks_per_token = (p.hidden + kChunk - 1) / kChunk;
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, p.top_k * kChunk));
+  torch::stable::parallel_for(0, p.num_tokens * chunks_per_token, grain,
+                              [&](int64_t begin, int64_t end) {
+    alignas(64) float acc[kChunk];
+    alignas(64) float row[kChunk];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t t = item / chunks_per_token;
+      const int64_t col = (item % chunks_per_token) * kChunk;  // kChunk is a multiple of 128
+      const int64_t n = std::min(kChunk, p.hidden - col);
+      finalize_chunk_fp32(p, t, col, n, acc, row);
+      if (fp8_out) {
+        quantize_chunk(p, t, col, n, acc);
+      } else {
+        store_float(p.out, p.out_dtype, t * p.out_row_stride + col, acc, n);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 void launch_finalize_cpu(const FinalizeProblem& p) {
   check_map_in_range(p);
+  check_experts_in_range(p);
+  if (p.input_dtype == ScalarType::Float8_e4m3fn || p.bias != nullptr) {
+    finalize_rows_fp32(p, /*fp8_out=*/false);
+    return;
+  }
   switch (p.input_dtype) {
     case ScalarType::BFloat16: finalize_rows<uint16_t>(p); break;
     case ScalarType::Half: finalize_rows<_Float16>(p); break;
     case ScalarType::Float: finalize_rows<float>(p); break;
     default: STD_TORCH_CHECK(false, "finalize: unsupported input dtype on CPU");
   }
+}
+
+void launch_finalize_fp8_out_cpu(const FinalizeProblem& p) {
+  check_map_in_range(p);
+  check_experts_in_range(p);
+  finalize_rows_fp32(p, /*fp8_out=*/true);
 }
 
 }  // namespace moe_finalize

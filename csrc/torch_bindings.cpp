@@ -37,7 +37,11 @@ void launch(const FinalizeProblem& p, const Tensor& input) {
   if (p.num_tokens == 0 || p.hidden == 0) return;  // nothing to write: launch nothing
   if (input.is_cuda()) {
 #ifdef USE_CUDA
-    launch_finalize_cuda(p, input.get_device_index());
+    if (p.input_dtype == ScalarType::Float8_e4m3fn || p.bias != nullptr) {
+      launch_finalize_ext_cuda(p, input.get_device_index());
+    } else {
+      launch_finalize_cuda(p, input.get_device_index());
+    }
 #else
     STD_TORCH_CHECK(false, "finalize: this build of moe_finalize_plugin has no CUDA kernels");
 #endif
@@ -47,9 +51,13 @@ void launch(const FinalizeProblem& p, const Tensor& input) {
 }
 
 Tensor finalize(Tensor input, std::optional<Tensor> row_map, std::optional<Tensor> weights,
-                std::optional<int64_t> top_k, std::optional<Tensor> residual, double scale) {
-  FinalizeProblem p = check_finalize_args(input, row_map, weights, top_k, residual, scale, nullptr);
-  Tensor out = allocate_like(input, p.num_tokens, p.hidden);
+                std::optional<int64_t> top_k, std::optional<Tensor> residual, double scale,
+                std::optional<Tensor> input_scales, std::optional<ScalarType> out_dtype,
+                std::optional<Tensor> bias, std::optional<Tensor> expert_ids) {
+  const FinalizeExtras extras{input_scales, out_dtype, bias, expert_ids};
+  FinalizeProblem p =
+      check_finalize_args(input, row_map, weights, top_k, residual, scale, nullptr, extras);
+  Tensor out = allocate_like(input, p.num_tokens, p.hidden, p.out_dtype);
   bind_output(p, out);
   launch(p, input);
   return out;
@@ -57,9 +65,35 @@ Tensor finalize(Tensor input, std::optional<Tensor> row_map, std::optional<Tenso
 
 void finalize_out(Tensor out, Tensor input, std::optional<Tensor> row_map,
                   std::optional<Tensor> weights, std::optional<int64_t> top_k,
-                  std::optional<Tensor> residual, double scale) {
-  FinalizeProblem p = check_finalize_args(input, row_map, weights, top_k, residual, scale, &out);
+                  std::optional<Tensor> residual, double scale,
+                  std::optional<Tensor> input_scales, std::optional<Tensor> bias,
+                  std::optional<Tensor> expert_ids) {
+  const FinalizeExtras extras{input_scales, std::nullopt, bias, expert_ids};
+  FinalizeProblem p =
+      check_finalize_args(input, row_map, weights, top_k, residual, scale, &out, extras);
   launch(p, input);
+}
+
+void finalize_fp8_out(Tensor out, Tensor out_scales, Tensor input, std::optional<Tensor> row_map,
+                      std::optional<Tensor> weights, std::optional<int64_t> top_k,
+                      std::optional<Tensor> residual, double scale,
+                      std::optional<Tensor> input_scales, std::optional<Tensor> bias,
+                      std::optional<Tensor> expert_ids, double amax_floor) {
+  FinalizeExtras extras{input_scales, std::nullopt, bias, expert_ids};
+  extras.fp8_out = true;
+  FinalizeProblem p =
+      check_finalize_args(input, row_map, weights, top_k, residual, scale, &out, extras);
+  check_out_scales(p, input, out_scales, out, amax_floor);
+  if (p.num_tokens == 0 || p.hidden == 0) return;
+  if (input.is_cuda()) {
+#ifdef USE_CUDA
+    launch_finalize_fp8_out_cuda(p, input.get_device_index());
+#else
+    STD_TORCH_CHECK(false, "finalize: this build of moe_finalize_plugin has no CUDA kernels");
+#endif
+  } else {
+    launch_finalize_fp8_out_cpu(p);
+  }
 }
 
 #ifdef USE_CUDA
@@ -116,11 +150,21 @@ STABLE_TORCH_LIBRARY(moe_finalize, m) {
   // fp32 accumulation in fixed k-order. row_map=None: input is [T*K, H] token-major.
   m.def(
       "finalize(Tensor input, Tensor? row_map, Tensor? weights, *, int? top_k=None, "
-      "Tensor? residual=None, float scale=1.0) -> Tensor");
+      "Tensor? residual=None, float scale=1.0, Tensor? input_scales=None, "
+      "ScalarType? out_dtype=None, Tensor? bias=None, Tensor? expert_ids=None) -> Tensor");
   // Same, written into a preallocated `out` (vLLM's output buffer, CUDA graphs); out may be residual.
+  // out's dtype is the output dtype (no out_dtype argument).
   m.def(
       "finalize_out(Tensor(a!) out, Tensor input, Tensor? row_map, Tensor? weights, *, "
-      "int? top_k=None, Tensor? residual=None, float scale=1.0) -> ()");
+      "int? top_k=None, Tensor? residual=None, float scale=1.0, Tensor? input_scales=None, "
+      "Tensor? bias=None, Tensor? expert_ids=None) -> ()");
+  // Same sum, quantised: out (e4m3 [T, H]) and out_scales (fp32 [T, ceil(H/128)], any strides),
+  // out_scales[t, b] = max(amax of block b, amax_floor) / 448, out = e4m3(value / out_scales).
+  m.def(
+      "finalize_fp8_out(Tensor(a!) out, Tensor(b!) out_scales, Tensor input, Tensor? row_map, "
+      "Tensor? weights, *, int? top_k=None, Tensor? residual=None, float scale=1.0, "
+      "Tensor? input_scales=None, Tensor? bias=None, Tensor? expert_ids=None, "
+      "float amax_floor=1e-10) -> ()");
   // Backward, CUDA only: grad_input[row_map[t,k]] += scale * weights[t,k] * grad_out[t]
   // ([P, H], dtype of input; deterministic, no float atomics).
   m.def(
@@ -135,12 +179,14 @@ STABLE_TORCH_LIBRARY(moe_finalize, m) {
 STABLE_TORCH_LIBRARY_IMPL(moe_finalize, CPU, m) {
   m.impl("finalize", TORCH_BOX(&moe_finalize::finalize));
   m.impl("finalize_out", TORCH_BOX(&moe_finalize::finalize_out));
+  m.impl("finalize_fp8_out", TORCH_BOX(&moe_finalize::finalize_fp8_out));
 }
 
 #ifdef USE_CUDA
 STABLE_TORCH_LIBRARY_IMPL(moe_finalize, CUDA, m) {
   m.impl("finalize", TORCH_BOX(&moe_finalize::finalize));
   m.impl("finalize_out", TORCH_BOX(&moe_finalize::finalize_out));
+  m.impl("finalize_fp8_out", TORCH_BOX(&moe_finalize::finalize_fp8_out));
   m.impl("finalize_grad_input", TORCH_BOX(&moe_finalize::finalize_grad_input));
   m.impl("finalize_grad_weights", TORCH_BOX(&moe_finalize::finalize_grad_weights));
 }

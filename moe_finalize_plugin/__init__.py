@@ -2,7 +2,7 @@
 as PyTorch custom ops with CPU and CUDA kernels. See README.md for the op contract."""
 
 from . import reference
-from .ops import build_info, finalize, set_pdl, validate_row_map
+from .ops import build_info, finalize, finalize_fp8, set_pdl, validate_row_map
 
-__all__ = ["finalize", "reference", "validate_row_map", "set_pdl", "build_info"]
+__all__ = ["finalize", "finalize_fp8", "reference", "validate_row_map", "set_pdl", "build_info"]
 __version__ = "0.1.0"
