@@ -20,6 +20,11 @@ if has sanitize; then
       python3 tools/hostile_maps.py > "$OUT/sanitizer_$tool.log" 2>&1
     rc=$?; echo "compute-sanitizer $tool rc=$rc: $(tail -2 "$OUT/sanitizer_$tool.log" | tr '\n' ' ')"
     [[ $rc == 0 ]] || status=1
+    # FP8 input / bias / FP8 output kernels (issue 7)
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool $tool --error-exitcode 1 \
+      python3 tools/hostile_fp8_bias.py > "$OUT/sanitizer_fp8_bias_$tool.log" 2>&1
+    rc=$?; echo "compute-sanitizer $tool fp8/bias rc=$rc: $(tail -2 "$OUT/sanitizer_fp8_bias_$tool.log" | tr '\n' ' ')"
+    [[ $rc == 0 ]] || status=1
   done
 fi
 if has bench && [[ -f benchmarks/bench_finalize.py ]]; then
