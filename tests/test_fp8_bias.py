@@ -250,8 +250,9 @@ def check_fp8(out, out_scales, ref_out, ref_scales):
     assert not got.isnan().any()
     if want.numel() == 0:
         return
-    # At most a one-step e4m3 difference where fp32 sums differ by an ulp at a rounding tie.
-    torch.testing.assert_close(got, want, rtol=0.07, atol=1e-6 + 1e-3 * want.abs().max().item())
+    # At most one e4m3 step (2^-3 of the value): the fp32 sums of CPU (separate mul + add) and
+    # CUDA (fma) differ by a few ulp, amplified by cancellation, which can cross a rounding edge.
+    torch.testing.assert_close(got, want, rtol=0.13, atol=1e-6 + 1e-3 * want.abs().max().item())
     same = (out.view(torch.uint8) == ref_out.view(torch.uint8)).float().mean().item()
     assert same > 0.99 or out.numel() == 0
 

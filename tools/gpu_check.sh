@@ -11,7 +11,9 @@ has() { [[ " $steps " == *" $1 "* || " $steps " == *" all "* ]]; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, sys; print('torch', torch.__version__, 'python', sys.version.split()[0])"
 if has tests; then
-  python3 -m pytest tests -q -x -p no:cacheprovider --junitxml="$OUT/gpu_junit.xml" \
+  # The vLLM plugin tests need vLLM, which the GPU machine lacks (CI runs them).
+  ignore=$(python3 -c "import vllm" 2>/dev/null || echo --ignore=tests/test_vllm_plugin.py)
+  python3 -m pytest tests -q -p no:cacheprovider $ignore --junitxml="$OUT/gpu_junit.xml" \
     2>&1 | tee "$OUT/gpu_tests.log" | tail -25 || status=1
 fi
 if has sanitize; then

@@ -52,7 +52,7 @@ def run_case(num_rows, num_tokens, top_k, hidden, fill, stride=None, experts=5):
     torch.cuda.synchronize()
     torch.testing.assert_close(q_scales, ref_scales, rtol=1e-5, atol=0)
     full = q_scales.repeat_interleave(128, dim=1)[:, :hidden]
-    torch.testing.assert_close(q.float() * full, ref_q.float() * full, rtol=0.07,
+    torch.testing.assert_close(q.float() * full, ref_q.float() * full, rtol=0.13,
                                atol=1e-3 * float(ref.float().abs().max().clamp(min=1)))
 
 
