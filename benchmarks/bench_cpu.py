@@ -29,6 +29,23 @@ def median_ms(fn, repeats: int) -> float:
     return statistics.median(samples)
 
 
+def problem(num_tokens: int, k: int, h: int):
+    """Random expert rows, a random permutation map, router weights and an output buffer."""
+    return (torch.randn(num_tokens * k, h).to(torch.bfloat16),
+            torch.randperm(num_tokens * k).to(torch.int32).view(num_tokens, k),
+            torch.rand(num_tokens, k), torch.empty(num_tokens, h, dtype=torch.bfloat16))
+
+
+def rotating(sets, fn):
+    """A no-argument callable that applies fn to the next set on each call."""
+    state = {"i": 0}
+
+    def call():
+        state["i"] += 1
+        return fn(sets[state["i"] % len(sets)])
+    return call
+
+
 def copy_bandwidth_gbps() -> float:
     src = torch.randn(128 * 2**20 // 4)  # 128 MiB: far past the caches
     dst = torch.empty_like(src)
@@ -55,15 +72,16 @@ def main() -> None:
           f"{'ours/floor':>11} {'eager/ours':>11}")
     for num_tokens in args.tokens:
         k, h = args.top_k, args.hidden
-        input = torch.randn(num_tokens * k, h).to(torch.bfloat16)
-        row_map = torch.randperm(num_tokens * k).to(torch.int32).view(num_tokens, k)
-        weights = torch.rand(num_tokens, k)
-        out = torch.empty(num_tokens, h, dtype=torch.bfloat16)
-        moved = input.numel() * 2 + row_map.numel() * 8 + out.numel() * 2
+        # Enough input sets to exceed the last-level cache, used in rotation: every call reads
+        # its rows from DRAM, as in a real layer.
+        set_bytes = num_tokens * k * h * 2
+        sets = [problem(num_tokens, k, h) for _ in range(max(2, -(-256 * 2**20 // set_bytes)))]
+        moved = set_bytes + num_tokens * k * 8 + num_tokens * h * 2
         floor = moved / (bw * 1e9) * 1e3
-        ours = median_ms(lambda: mf.finalize(input, row_map, weights, out=out), args.repeats)
-        eager = median_ms(lambda: reference.finalize(input, row_map, weights), max(3, args.repeats // 5))
-        comp = (median_ms(lambda: compiled(input, row_map, weights), max(3, args.repeats // 5))
+        ours = median_ms(rotating(sets, lambda s: mf.finalize(*s[:3], out=s[3])), args.repeats)
+        slow = max(3, args.repeats // 5)
+        eager = median_ms(rotating(sets, lambda s: reference.finalize(*s[:3])), slow)
+        comp = (median_ms(rotating(sets, lambda s: compiled(*s[:3])), slow)
                 if compiled else float("nan"))
         records.append(dict(T=num_tokens, K=k, H=h, floor_ms=floor, ours_ms=ours, eager_ms=eager,
                             compile_ms=comp, copy_GBps=bw, threads=torch.get_num_threads(),

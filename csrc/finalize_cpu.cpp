@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 namespace moe_finalize {
 namespace {
@@ -41,14 +42,76 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even, quiet NaN ke
   return static_cast<uint16_t>(u >> 16);
 }
 
-MF_CLONES void axpy_bf16(float* acc, const uint16_t* row, float w, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) acc[i] += w * bf16_to_float(row[i]);
+// Eight fp32 lanes as a GCC vector: 256-bit ops in the AVX2 clone, two 128-bit ops in the
+// baseline one. Loads widen bf16 / fp16 / fp32 to fp32 exactly.
+typedef float v8f __attribute__((vector_size(32)));
+typedef uint16_t v8u16 __attribute__((vector_size(16)));
+typedef uint32_t v8u32 __attribute__((vector_size(32)));
+typedef _Float16 v8h __attribute__((vector_size(16)));
+
+inline v8f load8(const uint16_t* ptr) {
+  v8u16 bits;
+  std::memcpy(&bits, ptr, sizeof bits);
+  const v8u32 wide = __builtin_convertvector(bits, v8u32) << 16;
+  v8f out;
+  std::memcpy(&out, &wide, sizeof out);
+  return out;
 }
-MF_CLONES void axpy_f16(float* acc, const _Float16* row, float w, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) acc[i] += w * static_cast<float>(row[i]);
+inline v8f load8(const _Float16* ptr) {
+  v8h halves;
+  std::memcpy(&halves, ptr, sizeof halves);
+  return __builtin_convertvector(halves, v8f);
 }
-MF_CLONES void axpy_f32(float* acc, const float* row, float w, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) acc[i] += w * row[i];
+inline v8f load8(const float* ptr) {
+  v8f out;
+  std::memcpy(&out, ptr, sizeof out);
+  return out;
+}
+inline float to_float(uint16_t x) { return bf16_to_float(x); }
+inline float to_float(_Float16 x) { return static_cast<float>(x); }
+inline float to_float(float x) { return x; }
+
+// acc[i] = sum over the `count` given slots, in order, of w[k] * rows[k][i] (fp32, one multiply
+// and one add per term, from 0). Columns go in blocks of 32 whose partial sums stay in four
+// vector registers while all K source rows stream past (K hardware-prefetched streams at once);
+// the tail columns take the same arithmetic, so every element is computed identically.
+template <typename elem_t>
+inline void gather_rows(float* acc, const elem_t* const* rows, const float* w, int64_t count,
+                        int64_t n) {
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    v8f a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    for (int64_t k = 0; k < count; ++k) {
+      const elem_t* r = rows[k] + i;
+      const v8f wk = v8f{} + w[k];
+      a0 += wk * load8(r);
+      a1 += wk * load8(r + 8);
+      a2 += wk * load8(r + 16);
+      a3 += wk * load8(r + 24);
+    }
+    std::memcpy(acc + i, &a0, sizeof a0);
+    std::memcpy(acc + i + 8, &a1, sizeof a1);
+    std::memcpy(acc + i + 16, &a2, sizeof a2);
+    std::memcpy(acc + i + 24, &a3, sizeof a3);
+  }
+  for (; i < n; ++i) {
+    float a = 0.0f;
+    for (int64_t k = 0; k < count; ++k) a += w[k] * to_float(rows[k][i]);
+    acc[i] = a;
+  }
+}
+
+MF_CLONES void gather_bf16(float* acc, const uint16_t* const* rows, const float* w, int64_t count,
+                           int64_t n) {
+  gather_rows(acc, rows, w, count, n);
+}
+MF_CLONES void gather_f16(float* acc, const _Float16* const* rows, const float* w, int64_t count,
+                          int64_t n) {
+  gather_rows(acc, rows, w, count, n);
+}
+MF_CLONES void gather_f32(float* acc, const float* const* rows, const float* w, int64_t count,
+                          int64_t n) {
+  gather_rows(acc, rows, w, count, n);
 }
 
 // out = residual + scale * acc, computed in fp32 and rounded once.
@@ -81,21 +144,27 @@ template <typename elem_t>
 struct RowOps;
 template <>
 struct RowOps<uint16_t> {  // bfloat16 bits
-  static void axpy(float* a, const uint16_t* r, float w, int64_t n) { axpy_bf16(a, r, w, n); }
+  static void gather(float* a, const uint16_t* const* r, const float* w, int64_t c, int64_t n) {
+    gather_bf16(a, r, w, c, n);
+  }
   static void store(uint16_t* o, const float* a, const uint16_t* r, float s, int64_t n) {
     store_bf16(o, a, r, s, n);
   }
 };
 template <>
 struct RowOps<_Float16> {
-  static void axpy(float* a, const _Float16* r, float w, int64_t n) { axpy_f16(a, r, w, n); }
+  static void gather(float* a, const _Float16* const* r, const float* w, int64_t c, int64_t n) {
+    gather_f16(a, r, w, c, n);
+  }
   static void store(_Float16* o, const float* a, const _Float16* r, float s, int64_t n) {
     store_f16(o, a, r, s, n);
   }
 };
 template <>
 struct RowOps<float> {
-  static void axpy(float* a, const float* r, float w, int64_t n) { axpy_f32(a, r, w, n); }
+  static void gather(float* a, const float* const* r, const float* w, int64_t c, int64_t n) {
+    gather_f32(a, r, w, c, n);
+  }
   static void store(float* o, const float* a, const float* r, float s, int64_t n) {
     store_f32(o, a, r, s, n);
   }
@@ -132,14 +201,6 @@ void check_map_in_range(const FinalizeProblem& p) {
 }
 
 template <typename elem_t>
-inline void prefetch_chunk(const elem_t* ptr, int64_t n) {
-  const char* bytes = reinterpret_cast<const char*>(ptr);
-  for (int64_t offset = 0; offset < n * static_cast<int64_t>(sizeof(elem_t)); offset += 64) {
-    __builtin_prefetch(bytes + offset, 0, 0);
-  }
-}
-
-template <typename elem_t>
 void finalize_rows(const FinalizeProblem& p) {
   const int64_t chunks_per_token = (p.hidden + kChunk - 1) / kChunk;
   const int64_t work_items = p.num_tokens * chunks_per_token;
@@ -150,23 +211,20 @@ void finalize_rows(const FinalizeProblem& p) {
   auto* out = static_cast<elem_t*>(p.out);
   torch::stable::parallel_for(0, work_items, grain, [&](int64_t begin, int64_t end) {
     alignas(64) float acc[kChunk];
+    std::vector<const elem_t*> rows(p.top_k);  // the token's valid slots, in k-order
+    std::vector<float> weights(p.top_k);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t = item / chunks_per_token;
       const int64_t col = (item % chunks_per_token) * kChunk;
       const int64_t n = std::min(kChunk, p.hidden - col);
-      std::fill(acc, acc + n, 0.0f);
-      int64_t row = map_entry(p, t, 0);
+      int64_t count = 0;
       for (int64_t k = 0; k < p.top_k; ++k) {  // fixed k-order: batch invariant
-        // Rows come in random order, which the hardware prefetcher cannot follow: fetch the
-        // next slot's chunk while this one streams through the accumulator.
-        const int64_t next_row = k + 1 < p.top_k ? map_entry(p, t, k + 1) : -1;
-        if (next_row >= 0) prefetch_chunk(input + next_row * p.input_row_stride + col, n);
-        if (row >= 0) {
-          RowOps<elem_t>::axpy(acc, input + row * p.input_row_stride + col,
-                               weight_entry(p, t, k), n);
-        }
-        row = next_row;
+        const int64_t row = map_entry(p, t, k);
+        if (row < 0) continue;
+        rows[count] = input + row * p.input_row_stride + col;
+        weights[count++] = weight_entry(p, t, k);
       }
+      RowOps<elem_t>::gather(acc, rows.data(), weights.data(), count, n);
       RowOps<elem_t>::store(out + t * p.out_row_stride + col, acc,
                             residual ? residual + t * p.residual_row_stride + col : nullptr,
                             p.scale, n);
