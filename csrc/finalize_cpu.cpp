@@ -204,8 +204,8 @@ template <typename elem_t>
 void finalize_rows(const FinalizeProblem& p) {
   const int64_t chunks_per_token = (p.hidden + kChunk - 1) / kChunk;
   const int64_t work_items = p.num_tokens * chunks_per_token;
-  // One work item streams K * kChunk elements; ask for ~64K elements per task.
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, p.top_k * kChunk));
+  // Every (token, chunk) is its own task: a few hundred items at T=256 still split evenly.
+  const int64_t grain = 1;
   const auto* input = static_cast<const elem_t*>(p.input);
   const auto* residual = static_cast<const elem_t*>(p.residual);
   auto* out = static_cast<elem_t*>(p.out);
