@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <utility>
@@ -125,6 +126,21 @@ class DeviceScope {
  private:
   int previous_ = -1;
 };
+
+// Whether rows at `ptr` with `row_stride` (elements) allow `vec`-element aligned accesses.
+inline bool aligned(const void* ptr, int64_t row_stride, int vec, size_t elem_size) {
+  return reinterpret_cast<uintptr_t>(ptr) % (vec * elem_size) == 0 && row_stride % vec == 0;
+}
+
+// Threads per block (one column unit each): enough blocks to cover every SM about twice even
+// at tiny T (the row split across blocks), but no block wider than the row or 128 threads.
+inline int pick_threads(int64_t num_tokens, int64_t units, int sm_count) {
+  const int64_t target_blocks = 2LL * sm_count;
+  int64_t threads = (num_tokens * units + target_blocks - 1) / target_blocks;
+  threads = std::max<int64_t>(32, std::min<int64_t>(128, threads));
+  threads = std::min<int64_t>(threads, ((units + 31) / 32) * 32);
+  return static_cast<int>((threads + 31) / 32 * 32);
+}
 
 // Launches on the current stream of `device`, as a programmatic dependent launch where enabled.
 // Every kernel launched this way calls wait_for_upstream() before its first global read.

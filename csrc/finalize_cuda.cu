@@ -204,20 +204,6 @@ __global__ void __launch_bounds__(kMaxThreads)
 
 // ---- host side -----------------------------------------------------------------------------
 
-bool aligned(const void* ptr, int64_t row_stride, int vec, size_t elem_size) {
-  return reinterpret_cast<uintptr_t>(ptr) % (vec * elem_size) == 0 && row_stride % vec == 0;
-}
-
-// Threads per block: enough blocks to cover every SM about twice even at tiny T (split the row
-// across blocks), but no block wider than the row or than kMaxThreads.
-int pick_threads(int64_t num_tokens, int64_t units, int sm_count) {
-  const int64_t target_blocks = 2LL * sm_count;
-  int64_t threads = (num_tokens * units + target_blocks - 1) / target_blocks;
-  threads = std::max<int64_t>(32, std::min<int64_t>(128, threads));
-  threads = std::min<int64_t>(threads, ((units + 31) / 32) * 32);
-  return static_cast<int>((threads + 31) / 32 * 32);
-}
-
 template <typename T, int VEC>
 void launch_typed(const FinalizeProblem& p, int device) {
   const DeviceInfo& info = device_info(device);

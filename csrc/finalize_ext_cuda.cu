@@ -282,19 +282,6 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
 
 // ---- host side -----------------------------------------------------------------------------
 
-bool aligned(const void* ptr, int64_t row_stride, int vec, size_t elem_size) {
-  return reinterpret_cast<uintptr_t>(ptr) % (vec * elem_size) == 0 && row_stride % vec == 0;
-}
-
-// The same launch-shape policy as finalize_cuda.cu: about two blocks per SM even at tiny T.
-int pick_threads(int64_t num_tokens, int64_t units, int sm_count) {
-  const int64_t target_blocks = 2LL * sm_count;
-  int64_t threads = (num_tokens * units + target_blocks - 1) / target_blocks;
-  threads = std::max<int64_t>(32, std::min<int64_t>(128, threads));
-  threads = std::min<int64_t>(threads, ((units + 31) / 32) * 32);
-  return static_cast<int>((threads + 31) / 32 * 32);
-}
-
 template <typename TIn, typename TOut, int VEC>
 void launch_ext_typed(const FinalizeProblem& p, int device) {
   const DeviceInfo& info = device_info(device);
