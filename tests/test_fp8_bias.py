@@ -242,7 +242,9 @@ def test_fp8_input_refuses_grad(device):
 
 
 def check_fp8(out, out_scales, ref_out, ref_scales):
-    torch.testing.assert_close(out_scales, ref_scales, rtol=1e-6, atol=0)
+    # amax comes from fp32 sums that CPU (mul + add) and CUDA (fma) round differently: a few ulp,
+    # more where the block's largest value comes out of cancellation.
+    torch.testing.assert_close(out_scales, ref_scales, rtol=2e-5, atol=0)
     assert (out_scales > 0).all()
     full = out_scales.repeat_interleave(128, dim=1)[:, :out.shape[1]]
     ref_full = ref_scales.repeat_interleave(128, dim=1)[:, :out.shape[1]]
