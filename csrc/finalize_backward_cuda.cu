@@ -7,7 +7,6 @@
 // slow, but duplicates are rare and the result stays bitwise reproducible).
 // grad_weights: one warp per slot, a dot product of grad_out[t] and input[row] reduced in a fixed
 // shuffle tree.
-#include <torch/csrc/stable/accelerator.h>
 #include <torch/csrc/stable/macros.h>
 #include <torch/headeronly/util/Exception.h>
 
