@@ -1,8 +1,11 @@
-// CUDA finalize: one block per (token, column slice). The block stages the token's row offsets
-// and weights in shared memory (64 slots at a time, any K), then every thread owns one 16-byte
-// column vector and keeps up to 8 source rows in flight before it accumulates them in fp32, in
-// fixed k-order. Columns past the last full vector take a scalar tail path with the same
-// arithmetic, so every output element is computed identically whatever the launch shape.
+// CUDA finalize, two kernels with the same arithmetic. Both: one block per (token, column
+// slice), every thread owns one 16-byte column vector, keeps up to 8 source rows in flight and
+// accumulates them in fp32 in fixed k-order; columns past the last full vector take a scalar
+// tail path with the same arithmetic. finalize_kernel (larger grids) stages the token's row
+// offsets and weights in shared memory, 64 slots at a time, so index arithmetic happens once per
+// block; finalize_direct_kernel (small grids, latency-bound) lets every thread read them itself,
+// with no barrier before the row loads. Every output element is computed identically whatever
+// the kernel or launch shape (batch invariance).
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/macros.h>
 #include <torch/headeronly/util/Exception.h>
