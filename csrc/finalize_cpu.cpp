@@ -101,21 +101,21 @@ inline void gather_rows(float* acc, const elem_t* const* rows, const float* w, i
   }
 }
 
-MF_CLONES void gather_bf16(float* acc, const uint16_t* const* rows, const float* w, int64_t count,
+MF_CLONES void gather(float* acc, const uint16_t* const* rows, const float* w, int64_t count,
                            int64_t n) {
   gather_rows(acc, rows, w, count, n);
 }
-MF_CLONES void gather_f16(float* acc, const _Float16* const* rows, const float* w, int64_t count,
+MF_CLONES void gather(float* acc, const _Float16* const* rows, const float* w, int64_t count,
                           int64_t n) {
   gather_rows(acc, rows, w, count, n);
 }
-MF_CLONES void gather_f32(float* acc, const float* const* rows, const float* w, int64_t count,
+MF_CLONES void gather(float* acc, const float* const* rows, const float* w, int64_t count,
                           int64_t n) {
   gather_rows(acc, rows, w, count, n);
 }
 
 // out = residual + scale * acc, computed in fp32 and rounded once.
-MF_CLONES void store_bf16(uint16_t* out, const float* acc, const uint16_t* res, float scale,
+MF_CLONES void store_row(uint16_t* out, const float* acc, const uint16_t* res, float scale,
                           int64_t n) {
   if (res != nullptr) {
     for (int64_t i = 0; i < n; ++i) out[i] = float_to_bf16(bf16_to_float(res[i]) + scale * acc[i]);
@@ -123,7 +123,7 @@ MF_CLONES void store_bf16(uint16_t* out, const float* acc, const uint16_t* res, 
     for (int64_t i = 0; i < n; ++i) out[i] = float_to_bf16(scale * acc[i]);
   }
 }
-MF_CLONES void store_f16(_Float16* out, const float* acc, const _Float16* res, float scale,
+MF_CLONES void store_row(_Float16* out, const float* acc, const _Float16* res, float scale,
                          int64_t n) {
   if (res != nullptr) {
     for (int64_t i = 0; i < n; ++i)
@@ -132,7 +132,7 @@ MF_CLONES void store_f16(_Float16* out, const float* acc, const _Float16* res, f
     for (int64_t i = 0; i < n; ++i) out[i] = static_cast<_Float16>(scale * acc[i]);
   }
 }
-MF_CLONES void store_f32(float* out, const float* acc, const float* res, float scale, int64_t n) {
+MF_CLONES void store_row(float* out, const float* acc, const float* res, float scale, int64_t n) {
   if (res != nullptr) {
     for (int64_t i = 0; i < n; ++i) out[i] = res[i] + scale * acc[i];
   } else {
@@ -140,35 +140,6 @@ MF_CLONES void store_f32(float* out, const float* acc, const float* res, float s
   }
 }
 
-template <typename elem_t>
-struct RowOps;
-template <>
-struct RowOps<uint16_t> {  // bfloat16 bits
-  static void gather(float* a, const uint16_t* const* r, const float* w, int64_t c, int64_t n) {
-    gather_bf16(a, r, w, c, n);
-  }
-  static void store(uint16_t* o, const float* a, const uint16_t* r, float s, int64_t n) {
-    store_bf16(o, a, r, s, n);
-  }
-};
-template <>
-struct RowOps<_Float16> {
-  static void gather(float* a, const _Float16* const* r, const float* w, int64_t c, int64_t n) {
-    gather_f16(a, r, w, c, n);
-  }
-  static void store(_Float16* o, const float* a, const _Float16* r, float s, int64_t n) {
-    store_f16(o, a, r, s, n);
-  }
-};
-template <>
-struct RowOps<float> {
-  static void gather(float* a, const float* const* r, const float* w, int64_t c, int64_t n) {
-    gather_f32(a, r, w, c, n);
-  }
-  static void store(float* o, const float* a, const float* r, float s, int64_t n) {
-    store_f32(o, a, r, s, n);
-  }
-};
 
 int64_t map_entry(const FinalizeProblem& p, int64_t t, int64_t k) {
   if (p.row_map == nullptr) return t * p.top_k + k;
@@ -224,9 +195,9 @@ void finalize_rows(const FinalizeProblem& p) {
         rows[count] = input + row * p.input_row_stride + col;
         weights[count++] = weight_entry(p, t, k);
       }
-      RowOps<elem_t>::gather(acc, rows.data(), weights.data(), count, n);
-      RowOps<elem_t>::store(out + t * p.out_row_stride + col, acc,
-                            residual ? residual + t * p.residual_row_stride + col : nullptr,
+      gather(acc, rows.data(), weights.data(), count, n);
+      store_row(out + t * p.out_row_stride + col, acc,
+                residual ? residual + t * p.residual_row_stride + col : nullptr,
                             p.scale, n);
     }
   });
