@@ -466,12 +466,7 @@ def markdown(records: Sequence[dict[str, Any]]) -> str:
         "| layer speed-up | eager-call speed-up |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for rec in records:
-        if rec["impl"] != "moe_finalize":
-            continue
-        base = next(
-            r for r in records if r["impl"] == "grouped_mm" and r["model"] == rec["model"] and r["T"] == rec["T"]
-        )
+    for base, rec in _pairs(records):
         lines.append(
             f"| {rec['model']} | {rec['T']} | {_layer_us(base):.1f} | {_finalize_us(base):.1f} us "
             f"({100 * base['finalize_share']:.1f}%) | {_layer_us(rec):.1f} | {_finalize_us(rec):.1f} us "
@@ -480,6 +475,15 @@ def markdown(records: Sequence[dict[str, Any]]) -> str:
     cut = {(r["model"], r["experts_used"], r["experts_real"], r["experts_note"]) for r in records if r["experts_note"]}
     lines += [f"\n{m} ran with {u} of its {e} experts ({why})." for m, u, e, why in sorted(cut)]
     return "\n".join(lines) + "\n"
+
+
+def _pairs(records: Sequence[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(grouped_mm record, moe_finalize record) for each (model, T), in record order."""
+    return [
+        (next(r for r in records
+              if r["impl"] == "grouped_mm" and r["model"] == rec["model"] and r["T"] == rec["T"]), rec)
+        for rec in records if rec["impl"] == "moe_finalize"
+    ]
 
 
 def write_outputs(records: list[dict[str, Any]], out_dir: Path, stem: str, make_plot: bool) -> list[Path]:
@@ -505,12 +509,7 @@ def table(records: Sequence[dict[str, Any]]) -> str:
         f"{'moe_finalize us':>15} {'finalize us':>11} {'share':>6} | {'speed-up':>8} {'eager x':>7} {'rel diff':>8}"
     )
     lines = [head, "-" * len(head)]
-    for rec in records:
-        if rec["impl"] != "moe_finalize":
-            continue
-        base = next(
-            r for r in records if r["impl"] == "grouped_mm" and r["model"] == rec["model"] and r["T"] == rec["T"]
-        )
+    for base, rec in _pairs(records):
         lines.append(
             f"{rec['model']:<14} {rec['T']:>5} {rec['time_basis']:>5} | {_layer_us(base):>13.1f} "
             f"{_finalize_us(base):>11.1f} {100 * base['finalize_share']:>5.1f}% | {_layer_us(rec):>15.1f} "
