@@ -45,17 +45,25 @@ struct alignas(sizeof(T) * W) Pack {
 };
 
 // Source rows are read exactly once: bypass L1 and the coherent path (16-byte ld.global.nc).
+// Where !valid nothing is read and the pack is zero. One predicated instruction, no branch:
+// with a branch per row the compiler consumed each row inside its branch, which serialised the
+// loads of a batch (measured 1.8x slower on H100).
 template <typename T, int W>
-__device__ __forceinline__ Pack<T, W> load_stream(const T* ptr) {
+__device__ __forceinline__ Pack<T, W> load_stream(const T* ptr, bool valid) {
   Pack<T, W> out;
   if constexpr (sizeof(Pack<T, W>) == 16) {
     uint4 raw;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(raw.x), "=r"(raw.y), "=r"(raw.z), "=r"(raw.w)
-                 : "l"(ptr));
+    asm volatile(
+        "{\n\t.reg .pred p;\n\t"
+        "setp.ne.b32 p, %5, 0;\n\t"
+        "mov.b32 %0, 0;\n\tmov.b32 %1, 0;\n\tmov.b32 %2, 0;\n\tmov.b32 %3, 0;\n\t"
+        "@p ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n\t}"
+        : "=r"(raw.x), "=r"(raw.y), "=r"(raw.z), "=r"(raw.w)
+        : "l"(ptr), "r"(static_cast<int>(valid)));
     memcpy(&out, &raw, sizeof raw);
   } else {
-    out = *reinterpret_cast<const Pack<T, W>*>(ptr);
+    memset(&out, 0, sizeof out);
+    if (valid) out = *reinterpret_cast<const Pack<T, W>*>(ptr);
   }
   return out;
 }

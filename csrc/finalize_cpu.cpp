@@ -269,7 +269,9 @@ void check_experts_in_range(const FinalizeProblem& p) {
 }
 
 // acc[0..n) = residual[t, col..] + scale * sum_k w[t, k] * (dequant(input[row, col..]) +
-//             bias[expert, col..]), computed in fp32; `row` is scratch.
+//             bias[expert, col..]), computed in fp32; `row` is scratch. As the CUDA kernel
+// (finalize_ext_cuda.cu): without bias the scale s folds into the weight, acc += (w * s) * q;
+// with bias acc += w * (q * s + b).
 void finalize_chunk_fp32(const FinalizeProblem& p, int64_t t, int64_t col, int64_t n, float* acc,
                          float* row) {
   std::fill(acc, acc + n, 0.0f);
@@ -278,15 +280,20 @@ void finalize_chunk_fp32(const FinalizeProblem& p, int64_t t, int64_t col, int64
     if (r < 0) continue;
     const int64_t base = r * p.input_row_stride + col;
     for (int64_t i = 0; i < n; ++i) row[i] = load_float(p.input, p.input_dtype, base + i);
-    if (p.scales != nullptr) {
-      const float* s = p.scales + r * p.scale_stride_row;
-      for (int64_t i = 0; i < n; ++i) row[i] *= s[((col + i) / kScaleBlock) * p.scale_stride_block];
-    }
-    if (p.bias != nullptr) {
-      const int64_t b = expert_entry(p, t, k) * p.bias_row_stride + col;
-      for (int64_t i = 0; i < n; ++i) row[i] += load_float(p.bias, p.bias_dtype, b + i);
-    }
     const float w = weight_entry(p, t, k);
+    const float* s = p.scales != nullptr ? p.scales + r * p.scale_stride_row : nullptr;
+    const auto scale_of = [&](int64_t i) {
+      return s[((col + i) / kScaleBlock) * p.scale_stride_block];
+    };
+    if (p.bias == nullptr) {
+      for (int64_t i = 0; i < n; ++i) acc[i] += (s != nullptr ? w * scale_of(i) : w) * row[i];
+      continue;
+    }
+    if (s != nullptr) {
+      for (int64_t i = 0; i < n; ++i) row[i] *= scale_of(i);
+    }
+    const int64_t b = expert_entry(p, t, k) * p.bias_row_stride + col;
+    for (int64_t i = 0; i < n; ++i) row[i] += load_float(p.bias, p.bias_dtype, b + i);
     for (int64_t i = 0; i < n; ++i) acc[i] += w * row[i];
   }
   for (int64_t i = 0; i < n; ++i) acc[i] *= p.scale;

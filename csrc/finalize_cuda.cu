@@ -1,11 +1,9 @@
-// CUDA finalize, two kernels with the same arithmetic. Both: one block per (token, column
-// slice), every thread owns one 16-byte column vector, keeps up to 8 source rows in flight and
-// accumulates them in fp32 in fixed k-order; columns past the last full vector take a scalar
-// tail path with the same arithmetic. finalize_kernel (larger grids) stages the token's row
-// offsets and weights in shared memory, 64 slots at a time, so index arithmetic happens once per
-// block; finalize_direct_kernel (small grids, latency-bound) lets every thread read them itself,
-// with no barrier before the row loads. Every output element is computed identically whatever
-// the kernel or launch shape (batch invariance).
+// CUDA finalize. One block per (token, column slice); every thread owns one 16-byte column
+// vector (columns past the last full vector take a scalar tail path with the same arithmetic),
+// keeps up to 8 source rows in flight and accumulates them in fp32 in fixed k-order, so every
+// output element is computed identically whatever the batch or launch shape (batch invariance).
+// The token's slots (row offset, weight) are read once per warp, lane i holding slot k0 + i,
+// and handed to the whole warp with shuffles: no block barrier and no per-thread map reads.
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/macros.h>
 #include <torch/headeronly/util/Exception.h>
@@ -22,14 +20,7 @@
 namespace moe_finalize {
 namespace {
 
-constexpr int kSlotChunk = 64;    // slots staged in shared memory per pass
 constexpr int kMaxThreads = 256;  // launch bound (pick_threads uses at most 128; measured so)
-#ifndef MF_DIRECT_UNITS_PER_SM
-#define MF_DIRECT_UNITS_PER_SM 256
-#endif
-// Grids with fewer 16-byte units than this per SM take the barrier-free small-grid kernel
-// (measured on H100, K=8 H=4096: it wins at T <= 16, loses from T = 128).
-constexpr int64_t kDirectUnitsPerSm = MF_DIRECT_UNITS_PER_SM;
 
 // ---- the kernel ----------------------------------------------------------------------------
 
@@ -39,39 +30,34 @@ struct KernelArgs {
   int64_t units;       // body_units + H % VEC scalar tail columns
 };
 
-// acc[0..W) += w[j] * row_j[col..col+W) for the n staged slots, G rows in flight at a time.
-template <typename T, int W, int G>
-__device__ __forceinline__ int accumulate_group(float* acc, const T* col_ptr, const int64_t* s_off,
-                                                const float* s_w, int j, int n) {
-  for (; j + G <= n; j += G) {
-    Pack<T, W> rows[G];
-#pragma unroll
-    for (int u = 0; u < G; ++u) {
-      const int64_t off = s_off[j + u];
-      if (off >= 0) {
-        rows[u] = load_stream<T, W>(col_ptr + off);
-      } else {
-#pragma unroll
-        for (int e = 0; e < W; ++e) rows[u].v[e] = Elem<T>::store(0.0f);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < G; ++u) {
-      const float w = s_w[j + u];
-#pragma unroll
-      for (int e = 0; e < W; ++e) acc[e] = fmaf(w, Elem<T>::load(rows[u].v[e]), acc[e]);
-    }
-  }
-  return j;
+// Slot (t, k): the source row's element offset (-1: skip it) and its weight. The weight is read
+// whatever the map holds ((t, k) is always in bounds), so its load overlaps the map load
+// instead of waiting for it: one dependent memory round trip less at small T.
+__device__ __forceinline__ void load_slot(const FinalizeProblem& p, int64_t t, int64_t k,
+                                          int64_t& offset, float& weight) {
+  const int64_t row = load_row(p, t, k);
+  const float w = load_weight(p, t, k);
+  const bool valid = row >= 0 && row < p.num_rows;  // never read outside input
+  offset = valid ? row * p.input_row_stride : -1;
+  weight = valid ? w : 0.0f;
 }
 
-template <typename T, int W>
-__device__ __forceinline__ void accumulate_slots(float* acc, const T* col_ptr, const int64_t* s_off,
-                                                 const float* s_w, int n) {
-  int j = accumulate_group<T, W, 8>(acc, col_ptr, s_off, s_w, 0, n);
-  j = accumulate_group<T, W, 4>(acc, col_ptr, s_off, s_w, j, n);
-  j = accumulate_group<T, W, 2>(acc, col_ptr, s_off, s_w, j, n);
-  accumulate_group<T, W, 1>(acc, col_ptr, s_off, s_w, j, n);
+// acc[0..W) += w[u] * row_u[col..col+W) for the first `count` of G slots, in order. Every row
+// is loaded before any is consumed (G rows in flight per thread).
+template <typename T, int W, int G>
+__device__ __forceinline__ void accumulate_rows(float* acc, const T* col_ptr, const int64_t* off,
+                                                const float* w, int count) {
+  Pack<T, W> rows[G];  // a skipped slot (off < 0) reads as zeros, weight 0
+#pragma unroll
+  for (int u = 0; u < G; ++u)
+    rows[u] = load_stream<T, W>(col_ptr + off[u], u < count && off[u] >= 0);
+#pragma unroll
+  for (int u = 0; u < G; ++u) {
+    if (u < count) {
+#pragma unroll
+      for (int e = 0; e < W; ++e) acc[e] = fmaf(w[u], Elem<T>::load(rows[u].v[e]), acc[e]);
+    }
+  }
 }
 
 template <typename T, int W>
@@ -92,116 +78,76 @@ __device__ __forceinline__ void store_result(const FinalizeProblem& p, int64_t t
   *reinterpret_cast<Pack<T, W>*>(static_cast<T*>(p.out) + t * p.out_row_stride + col) = result;
 }
 
+// This thread's columns: one 16-byte vector, or one scalar tail column past the last vector.
+struct Columns {
+  int64_t col;
+  bool is_vector, is_tail;
+};
+
+__device__ __forceinline__ Columns my_columns(const KernelArgs& args, int vec) {
+  const int64_t unit = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  Columns c;
+  c.is_vector = unit < args.body_units;
+  c.is_tail = !c.is_vector && unit < args.units;
+  c.col = c.is_vector ? unit * vec : args.body_units * vec + (unit - args.body_units);
+  return c;
+}
+
+template <typename T, int VEC, int G>
+__device__ __forceinline__ void accumulate_columns(float* acc, const FinalizeProblem& p,
+                                                   const Columns& c, const int64_t* off,
+                                                   const float* w, int count) {
+  const T* col_ptr = static_cast<const T*>(p.input) + c.col;
+  if (c.is_vector) {
+    accumulate_rows<T, VEC, G>(acc, col_ptr, off, w, count);
+  } else if (c.is_tail) {
+    accumulate_rows<T, 1, G>(acc, col_ptr, off, w, count);
+  }
+}
+
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kMaxThreads)
+__device__ __forceinline__ void store_columns(const FinalizeProblem& p, int64_t t,
+                                              const Columns& c, const float* acc) {
+  if (c.is_vector) {
+    store_result<T, VEC>(p, t, c.col, acc);
+  } else if (c.is_tail) {
+    store_result<T, 1>(p, t, c.col, acc);
+  }
+}
+
+// G: rows in flight per thread, K rounded up to 2, 4 or 8: a smaller G needs fewer registers,
+// so small-K models (Mixtral, K=2) keep more warps, and bytes, in flight per SM.
+template <typename T, int VEC, int G>
+__global__ void __launch_bounds__(kMaxThreads, G == 2 ? 8 : 1)  // G=2: 32 registers, full SM
     finalize_kernel(const __grid_constant__ KernelArgs args) {
-  __shared__ int64_t s_off[kSlotChunk];  // element offset of the source row, -1 = skip
-  __shared__ float s_w[kSlotChunk];
   const FinalizeProblem& p = args.p;
   const int64_t t = blockIdx.x;
-  const int64_t unit = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  const bool is_vector = unit < args.body_units;
-  const int64_t col = is_vector ? unit * VEC : args.body_units * VEC + (unit - args.body_units);
-  const T* col_ptr = static_cast<const T*>(p.input) + col;
-
+  const Columns c = my_columns(args, VEC);
+  const int lane = threadIdx.x % 32;
   wait_for_upstream();  // input, map, weights and residual may come from the previous kernel
   let_downstream_launch();
 
   float acc[VEC];
 #pragma unroll
   for (int e = 0; e < VEC; ++e) acc[e] = 0.0f;
-
-  for (int64_t k0 = 0; k0 < p.top_k; k0 += kSlotChunk) {
-    const int n = p.top_k - k0 < kSlotChunk ? static_cast<int>(p.top_k - k0) : kSlotChunk;
-    if (k0 > 0) __syncthreads();  // previous chunk fully consumed
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-      const int64_t row = load_row(p, t, k0 + i);
-      const bool valid = row >= 0 && row < p.num_rows;  // never read outside input
-      s_off[i] = valid ? row * p.input_row_stride : -1;
-      s_w[i] = valid ? load_weight(p, t, k0 + i) : 0.0f;
-    }
-    __syncthreads();
-    if (is_vector) {
-      accumulate_slots<T, VEC>(acc, col_ptr, s_off, s_w, n);
-    } else if (unit < args.units) {
-      accumulate_slots<T, 1>(acc, col_ptr, s_off, s_w, n);
-    }
-  }
-
-  if (is_vector) {
-    store_result<T, VEC>(p, t, col, acc);
-  } else if (unit < args.units) {
-    store_result<T, 1>(p, t, col, acc);
-  }
-}
-
-// ---- the small-grid kernel ------------------------------------------------------------------
-// At small T the time is a chain of dependent memory round trips, and the staging barrier above
-// adds to it. Here every thread reads the slot metadata itself (a warp-wide broadcast load,
-// L1-resident after the first warp) and issues its row loads straight after: no barrier. Same
-// arithmetic in the same k-order as finalize_kernel, so results are bitwise identical.
-
-__device__ __forceinline__ void load_slot(const FinalizeProblem& p, int64_t t, int64_t k,
-                                          int64_t& offset, float& weight) {
-  const int64_t row = load_row(p, t, k);
-  const bool valid = row >= 0 && row < p.num_rows;  // never read outside input
-  offset = valid ? row * p.input_row_stride : -1;
-  weight = valid ? load_weight(p, t, k) : 0.0f;
-}
-
-template <typename T, int W, int G>
-__device__ __forceinline__ int64_t accumulate_group_direct(float* acc, const FinalizeProblem& p,
-                                                           int64_t t, const T* col_ptr, int64_t j) {
-  for (; j + G <= p.top_k; j += G) {
-    int64_t off[G];
-    float w[G];
+  for (int64_t k0 = 0; k0 < p.top_k; k0 += 32) {
+    const int n = p.top_k - k0 < 32 ? static_cast<int>(p.top_k - k0) : 32;
+    int64_t my_off = -1;
+    float my_w = 0.0f;
+    if (lane < n) load_slot(p, t, k0 + lane, my_off, my_w);
+    for (int j = 0; j < n; j += G) {  // n and j are warp-uniform: every lane shuffles
+      const int count = n - j < G ? n - j : G;
+      int64_t off[G];
+      float w[G];
 #pragma unroll
-    for (int u = 0; u < G; ++u) load_slot(p, t, j + u, off[u], w[u]);
-    Pack<T, W> rows[G];
-#pragma unroll
-    for (int u = 0; u < G; ++u) {
-      if (off[u] >= 0) {
-        rows[u] = load_stream<T, W>(col_ptr + off[u]);
-      } else {
-#pragma unroll
-        for (int e = 0; e < W; ++e) rows[u].v[e] = Elem<T>::store(0.0f);
+      for (int u = 0; u < G; ++u) {
+        off[u] = __shfl_sync(0xffffffffu, my_off, (j + u) % 32);
+        w[u] = __shfl_sync(0xffffffffu, my_w, (j + u) % 32);
       }
-    }
-#pragma unroll
-    for (int u = 0; u < G; ++u) {
-#pragma unroll
-      for (int e = 0; e < W; ++e) acc[e] = fmaf(w[u], Elem<T>::load(rows[u].v[e]), acc[e]);
+      accumulate_columns<T, VEC, G>(acc, p, c, off, w, count);
     }
   }
-  return j;
-}
-
-template <typename T, int W>
-__device__ __forceinline__ void finalize_cols_direct(const FinalizeProblem& p, int64_t t,
-                                                     int64_t col) {
-  const T* col_ptr = static_cast<const T*>(p.input) + col;
-  float acc[W];
-#pragma unroll
-  for (int e = 0; e < W; ++e) acc[e] = 0.0f;
-  int64_t j = accumulate_group_direct<T, W, 8>(acc, p, t, col_ptr, 0);
-  j = accumulate_group_direct<T, W, 4>(acc, p, t, col_ptr, j);
-  j = accumulate_group_direct<T, W, 2>(acc, p, t, col_ptr, j);
-  accumulate_group_direct<T, W, 1>(acc, p, t, col_ptr, j);
-  store_result<T, W>(p, t, col, acc);
-}
-
-template <typename T, int VEC>
-__global__ void __launch_bounds__(kMaxThreads)
-    finalize_direct_kernel(const __grid_constant__ KernelArgs args) {
-  const int64_t t = blockIdx.x;
-  const int64_t unit = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  wait_for_upstream();
-  let_downstream_launch();
-  if (unit < args.body_units) {
-    finalize_cols_direct<T, VEC>(args.p, t, unit * VEC);
-  } else if (unit < args.units) {
-    finalize_cols_direct<T, 1>(args.p, t, args.body_units * VEC + (unit - args.body_units));
-  }
+  store_columns<T, VEC>(p, t, c, acc);
 }
 
 // ---- host side -----------------------------------------------------------------------------
@@ -215,10 +161,12 @@ void launch_typed(const FinalizeProblem& p, int device) {
   STD_TORCH_CHECK(col_blocks <= 65535, "finalize: hidden size ", p.hidden, " is too large");
 
   const dim3 grid(static_cast<unsigned>(p.num_tokens), static_cast<unsigned>(col_blocks));
-  if (p.num_tokens * args.units < kDirectUnitsPerSm * info.sm_count) {
-    launch_kernel(finalize_direct_kernel<T, VEC>, grid, dim3(threads), device, args);
+  if (p.top_k <= 2) {
+    launch_kernel(finalize_kernel<T, VEC, 2>, grid, dim3(threads), device, args);
+  } else if (p.top_k <= 4) {
+    launch_kernel(finalize_kernel<T, VEC, 4>, grid, dim3(threads), device, args);
   } else {
-    launch_kernel(finalize_kernel<T, VEC>, grid, dim3(threads), device, args);
+    launch_kernel(finalize_kernel<T, VEC, 8>, grid, dim3(threads), device, args);
   }
 }
 

@@ -2,7 +2,14 @@
 // and FP8 output with per-block scales (issue 7). Kept apart from finalize_cuda.cu so the tuned
 // bf16/fp16/fp32 kernel keeps its exact code path: these kernels only run when input is FP8,
 // a bias is given, or the output is FP8. Same design as the forward kernel: one block per
-// (token, column slice), slots staged in shared memory, fixed k-order fp32 accumulation.
+// (token, column slice), 16-byte loads, 8 source rows in flight per thread, fixed k-order fp32
+// accumulation, slots read once per warp and handed out with shuffles.
+//
+// Arithmetic per valid slot (w: router weight, s: the row's / block's scale, q: the widened
+// element, exact in fp32):   no bias:  acc = fma(w * s, q, acc)
+//                              bias:    acc = fma(w, fma(q, s, b), acc)
+// Folding the scale into the weight keeps the FP8 stream at one FMA per element after the
+// hardware e4m3x2 -> f16x2 conversion; every kernel here and the CPU kernel use these formulas.
 #include <cuda_fp8.h>
 #include <torch/csrc/stable/macros.h>
 #include <torch/headeronly/util/Exception.h>
@@ -23,127 +30,171 @@ struct Elem<__nv_fp8_e4m3> {
 
 namespace {
 
-// Four e4m3 codes (one 32-bit word, lowest byte first) as fp32 values times 2^-120: sign and
-// the 7 exponent/mantissa bits moved into place, three integer ops per element instead of the
-// conversion pipe (which would cap a 16-element-per-load FP8 stream below HBM bandwidth).
-// Exact for every code but NaN (0x7f/0xff); e4m3 subnormals become fp32 subnormals.
-__host__ __device__ __forceinline__ uint32_t e4m3_bits_unscaled(uint32_t word, int i) {
-  const uint32_t byte = (word >> (8 * i)) & 0xffu;
-  return ((byte & 0x80u) << 24) | ((byte & 0x7fu) << 20);
-}
-
-// Nonzero when a byte of `word` is an e4m3 NaN code (low 7 bits all ones).
-__host__ __device__ __forceinline__ uint32_t e4m3_nan_bytes(uint32_t word) {
-  return ((word & 0x7f7f7f7fu) + 0x01010101u) & 0x80808080u;
-}
-
-// out[e] = float(pack[e]) * scale, rounded once. For e4m3 vectors the 2^120 of the bit trick
-// folds into the scale: x * 2^-120 * (scale * 2^120) rounds exactly as x * scale (a power of
-// two moves no rounding point), so both branches and the scalar tail give the same bits.
-template <typename T, int W>
-__device__ __forceinline__ void dequantize(const Pack<T, W>& pack, float scale, float* out) {
-  if constexpr (std::is_same_v<T, __nv_fp8_e4m3> && W % 4 == 0) {
-    uint32_t words[W / 4];
-    memcpy(words, &pack, sizeof words);
-    uint32_t nan_bytes = 0;
-#pragma unroll
-    for (int i = 0; i < W / 4; ++i) nan_bytes |= e4m3_nan_bytes(words[i]);
-    const float folded = scale * 0x1p120f;
-    if (nan_bytes == 0 && fabsf(folded) <= 3.402823466e38f) {  // finite: scale < 2^8
-#pragma unroll
-      for (int e = 0; e < W; ++e)
-        out[e] = __uint_as_float(e4m3_bits_unscaled(words[e / 4], e % 4)) * folded;
-      return;
-    }
-  }
-#pragma unroll
-  for (int e = 0; e < W; ++e) out[e] = Elem<T>::load(pack.v[e]) * scale;
-}
-
-constexpr int kSlotChunk = 64;    // slots staged in shared memory per pass
 constexpr int kMaxThreads = 128;  // threads per block at most
+constexpr int kRowsInFlight = 8;  // source rows loaded before any is consumed
 constexpr float kE4m3Max = 448.0f;
 
-struct ExtArgs {
-  FinalizeProblem p;
-  int64_t body_units;  // H / VEC full vectors per row
-  int64_t units;       // body_units + H % VEC scalar tail columns
+// One top-k slot as the accumulation reads it.
+struct Slot {
+  int64_t off;        // element offset of the source row in input; -1: skip the slot
+  int64_t scale_off;  // offset of the row's scales in input_scales (0 without scales)
+  int64_t bias_off;   // offset of the expert's bias row; -1: no bias (none given, or an expert
+                      // id outside [0, E), which is never read; the CPU kernel raises instead)
+  float w;
 };
 
-__device__ __forceinline__ float load_float(const void* base, ScalarType dtype, int64_t offset) {
-  switch (dtype) {
-    case ScalarType::Float: return __ldg(static_cast<const float*>(base) + offset);
-    case ScalarType::BFloat16:
-      return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[offset]);
-    default: return __half2float(static_cast<const __half*>(base)[offset]);
+// Slot (t, k). The weight and the expert id are read whatever the map holds ((t, k) is always in
+// bounds), so their loads overlap the map load instead of waiting for it.
+template <bool kBias>
+__device__ __forceinline__ Slot read_slot(const FinalizeProblem& p, int64_t t, int64_t k) {
+  const int64_t row = load_row(p, t, k);
+  const float w = load_weight(p, t, k);
+  int64_t expert = -1;
+  if constexpr (kBias) {
+    const int64_t offset = t * p.expert_stride_t + k * p.expert_stride_k;
+    expert = p.expert_ids_is_int64
+                 ? static_cast<const int64_t*>(p.expert_ids)[offset]
+                 : static_cast<int64_t>(static_cast<const int32_t*>(p.expert_ids)[offset]);
   }
+  const bool valid = row >= 0 && row < p.num_rows;  // never read outside input
+  Slot s;
+  s.off = valid ? row * p.input_row_stride : -1;
+  s.scale_off = valid ? row * p.scale_stride_row : 0;
+  s.bias_off = valid && expert >= 0 && expert < p.num_experts ? expert * p.bias_row_stride : -1;
+  s.w = w;
+  return s;
 }
 
-// Slot (t, k) staged for the whole block: source row offset (-1 = skip), its scale row offset,
-// and its bias row offset (-1 = no bias: no bias given, or an expert id outside [0, E), which is
-// never read; the CPU kernel raises on those instead).
-struct Slots {
-  int64_t off[kSlotChunk];
-  int64_t scale_off[kSlotChunk];
-  int64_t bias_off[kSlotChunk];
-  float w[kSlotChunk];
-};
+constexpr Slot kNoSlot{-1, 0, -1, 0.0f};
 
-__device__ __forceinline__ void stage_slots(Slots& s, const FinalizeProblem& p, int64_t t,
-                                            int64_t k0, int n) {
-  for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    const int64_t k = k0 + i;
-    const int64_t row = load_row(p, t, k);
-    const bool valid = row >= 0 && row < p.num_rows;  // never read outside input
-    s.off[i] = valid ? row * p.input_row_stride : -1;
-    s.w[i] = valid ? load_weight(p, t, k) : 0.0f;
-    s.scale_off[i] = valid && p.scales != nullptr ? row * p.scale_stride_row : 0;
-    int64_t bias_off = -1;
-    if (valid && p.bias != nullptr) {
-      const int64_t offset = t * p.expert_stride_t + k * p.expert_stride_k;
-      const int64_t e =
-          p.expert_ids_is_int64
-              ? static_cast<const int64_t*>(p.expert_ids)[offset]
-              : static_cast<int64_t>(static_cast<const int32_t*>(p.expert_ids)[offset]);
-      if (e >= 0 && e < p.num_experts) bias_off = e * p.bias_row_stride;
+// Lane `src`'s slot, for every lane of the warp (all must call it).
+template <bool kBias>
+__device__ __forceinline__ Slot shuffle_slot(const Slot& mine, int src) {
+  Slot s;
+  s.off = __shfl_sync(0xffffffffu, mine.off, src);
+  s.scale_off = __shfl_sync(0xffffffffu, mine.scale_off, src);
+  s.bias_off = kBias ? __shfl_sync(0xffffffffu, mine.bias_off, src) : -1;
+  s.w = __shfl_sync(0xffffffffu, mine.w, src);
+  return s;
+}
+
+// Token t's slots [k0, k0 + n), n <= 32, kRowsInFlight at a time: calls
+// consume(slots) with slots[u] = slot k0 + j + u (kNoSlot past n). Lane i reads slot k0 + i;
+// shuffles hand each to the whole warp. Every lane of the warp must take part.
+template <bool kBias, typename Consume>
+__device__ __forceinline__ void for_each_slot_batch(const FinalizeProblem& p, int64_t t,
+                                                    Consume consume) {
+  const int lane = threadIdx.x % 32;
+  for (int64_t k0 = 0; k0 < p.top_k; k0 += 32) {
+    const int n = p.top_k - k0 < 32 ? static_cast<int>(p.top_k - k0) : 32;
+    const Slot mine = lane < n ? read_slot<kBias>(p, t, k0 + lane) : kNoSlot;
+    for (int j = 0; j < n; j += kRowsInFlight) {  // warp-uniform
+      Slot slots[kRowsInFlight];
+#pragma unroll
+      for (int u = 0; u < kRowsInFlight; ++u) {
+        slots[u] = shuffle_slot<kBias>(mine, (j + u) % 32);
+        if (j + u >= n) slots[u].off = -1;
+      }
+      consume(slots);
     }
-    s.bias_off[i] = bias_off;
   }
 }
 
-// acc[0..W) += w * (dequant(row[col..col+W)) + bias[col..col+W)) for the n staged slots, in
-// k-order, 8 rows in flight (as the bf16 kernel). Every element takes the same arithmetic
-// whatever W is.
+// W elements as exact fp32 values. e4m3 pairs go through the hardware e4m3x2 -> f16x2
+// conversion (sm_89+; emulated, still exact, on older cards) and f16 -> f32, which is exact.
 template <typename T, int W>
-__device__ __forceinline__ void accumulate(float* acc, const FinalizeProblem& p, const Slots& s,
-                                           int64_t col, int64_t scale_block_off, int n) {
-  // 16 e4m3 values per lane: 4 rows in flight keep registers low enough for full occupancy.
-  constexpr int G = sizeof(T) == 1 ? 4 : 8;
-  const T* col_ptr = static_cast<const T*>(p.input) + col;
-  for (int j = 0; j < n; j += G) {
-    Pack<T, W> rows[G];
-    float sc[G];
+__device__ __forceinline__ void widen(const Pack<T, W>& pack, float* out) {
+  if constexpr (std::is_same_v<T, __nv_fp8_e4m3> && W % 2 == 0) {
 #pragma unroll
-    for (int u = 0; u < G; ++u) {
-      sc[u] = 1.0f;
-      if (j + u < n && s.off[j + u] >= 0) {
-        rows[u] = load_stream<T, W>(col_ptr + s.off[j + u]);
-        if (p.scales != nullptr) sc[u] = __ldg(p.scales + s.scale_off[j + u] + scale_block_off);
-      }
+    for (int e = 0; e < W; e += 2) {
+      __nv_fp8x2_storage_t pair;
+      memcpy(&pair, &pack.v[e], sizeof pair);
+      const __half2_raw raw = __nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3);
+      __half2 h;
+      memcpy(&h, &raw, sizeof h);
+      const float2 f = __half22float2(h);
+      out[e] = f.x;
+      out[e + 1] = f.y;
     }
+  } else {
 #pragma unroll
-    for (int u = 0; u < G; ++u) {
-      if (j + u >= n || s.off[j + u] < 0) continue;
-      const float w = s.w[j + u];
-      const int64_t bias_off = s.bias_off[j + u];
-      float x[W];
-      dequantize<T, W>(rows[u], sc[u], x);
+    for (int e = 0; e < W; ++e) out[e] = Elem<T>::load(pack.v[e]);
+  }
+}
+
+// The scale at `ptr`, or 1.0 (no access) where !valid: one predicated load, no branch, so the
+// scale loads of a batch stay in flight with its row loads.
+__device__ __forceinline__ float load_scale(const float* ptr, bool valid) {
+  float v;
+  asm volatile(
+      "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %2, 0;\n\tmov.b32 %0, 0f3F800000;\n\t"
+      "@p ld.global.nc.f32 %0, [%1];\n\t}"
+      : "=f"(v)
+      : "l"(ptr), "r"(static_cast<int>(valid)));
+  return v;
+}
+
+// W consecutive elements of a float-typed row as fp32, in accesses of at most 16 bytes (the
+// host only picks W > 1 when the base and row stride allow it).
+template <typename T, int W>
+__device__ __forceinline__ void load_floats(const T* ptr, float* out) {
+  constexpr int C = W * sizeof(T) >= 16 ? 16 / static_cast<int>(sizeof(T)) : W;
 #pragma unroll
-      for (int e = 0; e < W; ++e) {
-        float v = x[e];
-        if (bias_off >= 0) v += load_float(p.bias, p.bias_dtype, bias_off + col + e);
-        acc[e] = fmaf(w, v, acc[e]);
+  for (int c = 0; c < W / C; ++c) {
+    const Pack<T, C> v = *reinterpret_cast<const Pack<T, C>*>(ptr + c * C);
+    widen<T, C>(v, out + c * C);
+  }
+}
+
+template <int W>
+__device__ __forceinline__ void load_bias(const FinalizeProblem& p, int64_t offset, float* out) {
+  switch (p.bias_dtype) {
+    case ScalarType::Float:
+      load_floats<float, W>(static_cast<const float*>(p.bias) + offset, out);
+      break;
+    case ScalarType::BFloat16:
+      load_floats<__nv_bfloat16, W>(static_cast<const __nv_bfloat16*>(p.bias) + offset, out);
+      break;
+    default: load_floats<__half, W>(static_cast<const __half*>(p.bias) + offset, out);
+  }
+}
+
+// acc[0..W) += the kRowsInFlight slots `s` (off < 0: skipped) at columns col..col+W, in
+// k-order; every row is loaded before any is consumed. Every element takes the same arithmetic
+// whatever W is (bitwise equal vector and tail paths).
+template <typename T, int W, bool kBias>
+__device__ __forceinline__ void accumulate(float* acc, const FinalizeProblem& p, int64_t col,
+                                           int64_t scale_block_off, const Slot* s) {
+  const T* col_ptr = static_cast<const T*>(p.input) + col;
+  Pack<T, W> rows[kRowsInFlight];
+  float sc[kRowsInFlight];
+#pragma unroll
+  for (int u = 0; u < kRowsInFlight; ++u)
+    rows[u] = load_stream<T, W>(col_ptr + s[u].off, s[u].off >= 0);
+#pragma unroll
+  for (int u = 0; u < kRowsInFlight; ++u) {
+    sc[u] = load_scale(p.scales + s[u].scale_off + scale_block_off,
+                       p.scales != nullptr && s[u].off >= 0);
+  }
+#pragma unroll
+  for (int u = 0; u < kRowsInFlight; ++u) {
+    if (s[u].off < 0) continue;
+    float x[W];
+    widen<T, W>(rows[u], x);
+    if constexpr (kBias) {
+      float b[W];
+      if (s[u].bias_off >= 0) {
+        load_bias<W>(p, s[u].bias_off + col, b);
+      } else {
+#pragma unroll
+        for (int e = 0; e < W; ++e) b[e] = 0.0f;
       }
+#pragma unroll
+      for (int e = 0; e < W; ++e) acc[e] = fmaf(s[u].w, fmaf(x[e], sc[u], b[e]), acc[e]);
+    } else {
+      const float ws = s[u].w * sc[u];
+#pragma unroll
+      for (int e = 0; e < W; ++e) acc[e] = fmaf(ws, x[e], acc[e]);
     }
   }
 }
@@ -172,14 +223,22 @@ __device__ __forceinline__ void store(const FinalizeProblem& p, int64_t t, int64
   }
 }
 
-template <typename TIn, typename TOut, int VEC>
-__global__ void __launch_bounds__(kMaxThreads)
+struct ExtArgs {
+  FinalizeProblem p;
+  int64_t body_units;  // H / VEC full vectors per row
+  int64_t units;       // body_units + H % VEC scalar tail columns
+};
+
+// Without bias: at most 80 registers, 6 blocks per SM (measured on H100: more bytes in flight
+// than 4 blocks of the unbounded 102-register build).
+template <typename TIn, typename TOut, int VEC, bool kBias>
+__global__ void __launch_bounds__(kMaxThreads, kBias ? 1 : 6)
     finalize_ext_kernel(const __grid_constant__ ExtArgs args) {
-  __shared__ Slots slots;
   const FinalizeProblem& p = args.p;
   const int64_t t = blockIdx.x;
   const int64_t unit = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   const bool is_vector = unit < args.body_units;
+  const bool is_tail = !is_vector && unit < args.units;
   const int64_t col = is_vector ? unit * VEC : args.body_units * VEC + (unit - args.body_units);
   // VEC divides 128, so a vector never straddles two scale blocks.
   const int64_t scale_block_off = (col / kScaleBlock) * p.scale_stride_block;
@@ -190,70 +249,61 @@ __global__ void __launch_bounds__(kMaxThreads)
   float acc[VEC];
 #pragma unroll
   for (int e = 0; e < VEC; ++e) acc[e] = 0.0f;
-
-  for (int64_t k0 = 0; k0 < p.top_k; k0 += kSlotChunk) {
-    const int n = p.top_k - k0 < kSlotChunk ? static_cast<int>(p.top_k - k0) : kSlotChunk;
-    if (k0 > 0) __syncthreads();  // previous chunk fully consumed
-    stage_slots(slots, p, t, k0, n);
-    __syncthreads();
+  for_each_slot_batch<kBias>(p, t, [&](const Slot* slots) {
     if (is_vector) {
-      accumulate<TIn, VEC>(acc, p, slots, col, scale_block_off, n);
-    } else if (unit < args.units) {
-      accumulate<TIn, 1>(acc, p, slots, col, scale_block_off, n);
+      accumulate<TIn, VEC, kBias>(acc, p, col, scale_block_off, slots);
+    } else if (is_tail) {
+      accumulate<TIn, 1, kBias>(acc, p, col, scale_block_off, slots);
     }
-  }
+  });
 
   if (is_vector) {
     store<TOut, VEC>(p, t, col, acc);
-  } else if (unit < args.units) {
+  } else if (is_tail) {
     store<TOut, 1>(p, t, col, acc);
   }
 }
 
-// FP8 output: one warp per (token, 128-column block), 4 columns per lane; the warp reduces the
-// block's amax, writes the scale, then the e4m3 codes.
+// FP8 output: one warp per (token, 128-column block), 4 columns per lane (one 4-element access
+// where kVec4 and the lane's 4 columns are inside the row, else one column at a time); the warp
+// reduces the block's amax, writes the scale, then the e4m3 codes.
 constexpr int kWarpsPerBlock = 4;
 
-template <typename TIn>
+__device__ __forceinline__ float load_float(const void* base, ScalarType dtype, int64_t offset) {
+  switch (dtype) {
+    case ScalarType::Float: return static_cast<const float*>(base)[offset];
+    case ScalarType::BFloat16:
+      return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[offset]);
+    default: return __half2float(static_cast<const __half*>(base)[offset]);
+  }
+}
+
+template <typename TIn, bool kBias, bool kVec4>
 __global__ void __launch_bounds__(32 * kWarpsPerBlock)
     finalize_fp8_out_kernel(const __grid_constant__ FinalizeProblem p, int64_t num_blocks) {
-  __shared__ Slots slots;
   const int64_t t = blockIdx.x;
   const int lane = threadIdx.x % 32;
   const int64_t block = static_cast<int64_t>(blockIdx.y) * kWarpsPerBlock + threadIdx.x / 32;
-  const bool active = block < num_blocks;  // every thread still takes part in __syncthreads
   const int64_t col0 = block * kScaleBlock + lane * 4;
   const int64_t scale_block_off = block * p.scale_stride_block;
-  const TIn* input = static_cast<const TIn*>(p.input);
+  const bool whole = kVec4 && col0 + 4 <= p.hidden;
 
   wait_for_upstream();
   let_downstream_launch();
+  if (block >= num_blocks) return;  // the whole warp: no shuffle waits for it
 
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  for (int64_t k0 = 0; k0 < p.top_k; k0 += kSlotChunk) {
-    const int n = p.top_k - k0 < kSlotChunk ? static_cast<int>(p.top_k - k0) : kSlotChunk;
-    if (k0 > 0) __syncthreads();
-    stage_slots(slots, p, t, k0, n);
-    __syncthreads();
-    if (!active) continue;
-    for (int j = 0; j < n; ++j) {  // fixed k-order
-      const int64_t off = slots.off[j];
-      if (off < 0) continue;
-      const float sc = p.scales != nullptr ? __ldg(p.scales + slots.scale_off[j] + scale_block_off)
-                                           : 1.0f;
-      const float w = slots.w[j];
-      const int64_t bias_off = slots.bias_off[j];
+  for_each_slot_batch<kBias>(p, t, [&](const Slot* slots) {
+    if (whole) {
+      accumulate<TIn, 4, kBias>(acc, p, col0, scale_block_off, slots);
+    } else {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int64_t c = col0 + e;
-        if (c >= p.hidden) break;
-        float v = Elem<TIn>::load(input[off + c]) * sc;
-        if (bias_off >= 0) v += load_float(p.bias, p.bias_dtype, bias_off + c);
-        acc[e] = fmaf(w, v, acc[e]);
+        if (col0 + e < p.hidden)
+          accumulate<TIn, 1, kBias>(acc + e, p, col0 + e, scale_block_off, slots);
       }
     }
-  }
-  if (!active) return;
+  });
 
   float amax = 0.0f;
 #pragma unroll
@@ -282,16 +332,32 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
 
 // ---- host side -----------------------------------------------------------------------------
 
-template <typename TIn, typename TOut, int VEC>
+// Whether `vec`-element accesses into the bias rows are aligned (true without a bias).
+bool bias_aligned(const FinalizeProblem& p, int vec) {
+  if (p.bias == nullptr) return true;
+  const size_t size = p.bias_dtype == ScalarType::Float ? 4 : 2;
+  return aligned(p.bias, p.bias_row_stride, std::min<int>(vec, 16 / static_cast<int>(size)), size);
+}
+
+template <typename TIn, typename TOut, int VEC, bool kBias>
 void launch_ext_typed(const FinalizeProblem& p, int device) {
   const DeviceInfo& info = device_info(device);
   ExtArgs args{p, p.hidden / VEC, p.hidden / VEC + p.hidden % VEC};
   const int threads = pick_threads(p.num_tokens, args.units, info.sm_count);
   const int64_t col_blocks = (args.units + threads - 1) / threads;
   STD_TORCH_CHECK(col_blocks <= 65535, "finalize: hidden size ", p.hidden, " is too large");
-  launch_kernel(finalize_ext_kernel<TIn, TOut, VEC>,
+  launch_kernel(finalize_ext_kernel<TIn, TOut, VEC, kBias>,
                 dim3(static_cast<unsigned>(p.num_tokens), static_cast<unsigned>(col_blocks)),
                 dim3(threads), device, args);
+}
+
+template <typename TIn, typename TOut, int VEC>
+void launch_ext_vec(const FinalizeProblem& p, int device) {
+  if (p.bias != nullptr) {
+    launch_ext_typed<TIn, TOut, VEC, true>(p, device);
+  } else if constexpr (std::is_same_v<TIn, __nv_fp8_e4m3>) {  // float input comes here for bias
+    launch_ext_typed<TIn, TOut, VEC, false>(p, device);
+  }
 }
 
 template <typename TIn, typename TOut>
@@ -301,11 +367,24 @@ void launch_ext_for_dtypes(const FinalizeProblem& p, int device) {
   const bool vectorizable = aligned(p.input, p.input_row_stride, kVec, sizeof(TIn)) &&
                             aligned(p.out, p.out_row_stride, kOutVec, sizeof(TOut)) &&
                             (p.residual == nullptr ||
-                             aligned(p.residual, p.residual_row_stride, kOutVec, sizeof(TOut)));
+                             aligned(p.residual, p.residual_row_stride, kOutVec, sizeof(TOut))) &&
+                            bias_aligned(p, kVec);
   if (vectorizable) {
-    launch_ext_typed<TIn, TOut, kVec>(p, device);
+    launch_ext_vec<TIn, TOut, kVec>(p, device);
   } else {
-    launch_ext_typed<TIn, TOut, 1>(p, device);
+    launch_ext_vec<TIn, TOut, 1>(p, device);
+  }
+}
+
+template <typename TIn, bool kBias>
+void launch_fp8_out_bias(const FinalizeProblem& p, int device, dim3 grid, int64_t num_blocks) {
+  const bool vec4 = aligned(p.input, p.input_row_stride, 4, sizeof(TIn)) && bias_aligned(p, 4);
+  if (vec4) {
+    launch_kernel(finalize_fp8_out_kernel<TIn, kBias, true>, grid, dim3(32 * kWarpsPerBlock),
+                  device, p, num_blocks);
+  } else {
+    launch_kernel(finalize_fp8_out_kernel<TIn, kBias, false>, grid, dim3(32 * kWarpsPerBlock),
+                  device, p, num_blocks);
   }
 }
 
@@ -314,9 +393,12 @@ void launch_fp8_out_typed(const FinalizeProblem& p, int device) {
   const int64_t num_blocks = (p.hidden + kScaleBlock - 1) / kScaleBlock;
   const int64_t grid_y = (num_blocks + kWarpsPerBlock - 1) / kWarpsPerBlock;
   STD_TORCH_CHECK(grid_y <= 65535, "finalize: hidden size ", p.hidden, " is too large");
-  launch_kernel(finalize_fp8_out_kernel<TIn>,
-                dim3(static_cast<unsigned>(p.num_tokens), static_cast<unsigned>(grid_y)),
-                dim3(32 * kWarpsPerBlock), device, p, num_blocks);
+  const dim3 grid(static_cast<unsigned>(p.num_tokens), static_cast<unsigned>(grid_y));
+  if (p.bias != nullptr) {
+    launch_fp8_out_bias<TIn, true>(p, device, grid, num_blocks);
+  } else {
+    launch_fp8_out_bias<TIn, false>(p, device, grid, num_blocks);
+  }
 }
 
 void check_launch(const FinalizeProblem& p, int device_index) {
@@ -340,6 +422,7 @@ void launch_finalize_ext_cuda(const FinalizeProblem& p, int device_index) {
     }
     return;
   }
+  STD_TORCH_CHECK(p.bias != nullptr, "finalize: float input takes the plain kernel without bias");
   switch (p.input_dtype) {  // bias on float input: output dtype is input's
     case ScalarType::BFloat16:
       launch_ext_for_dtypes<__nv_bfloat16, __nv_bfloat16>(p, device_index);

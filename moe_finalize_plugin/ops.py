@@ -22,6 +22,10 @@ _FINALIZE = torch.ops.moe_finalize.finalize.default
 _FINALIZE_OUT = torch.ops.moe_finalize.finalize_out.default
 _FINALIZE_FP8_OUT = torch.ops.moe_finalize.finalize_fp8_out.default
 _LIBRARY = ctypes.CDLL(_C.__file__)
+# The dispatcher entry points behind the overloads, without OpOverload.__call__'s Python frame:
+# only for the eager no-grad path (torch.compile must see the overloads).
+_FINALIZE_RAW = _FINALIZE._op
+_FINALIZE_OUT_RAW = _FINALIZE_OUT._op
 
 
 def finalize(
@@ -85,8 +89,16 @@ def finalize(
                            f"({out.dtype}); with out=, out decides")
     if _skip_autograd(input, weights, residual, bias):
         # Nothing needs a gradient: go straight to the device kernel. The Autograd kernel would
-        # only redispatch, through Python, at several microseconds per call.
-        # Keyword arguments cost about a microsecond of schema parsing: pass only non-defaults.
+        # only redispatch, through Python, at several microseconds per call. This branch is the
+        # eager hot path: each keyword argument costs schema parsing, so only non-defaults go,
+        # and the plain call (no extras) goes without any.
+        if (top_k is None and residual is None and scale == 1.0 and input_scales is None
+                and bias is None and expert_ids is None and out_dtype is None):
+            with _BELOW_AUTOGRAD():
+                if out is None:
+                    return _FINALIZE_RAW(input, row_map, weights)
+                _FINALIZE_OUT_RAW(out, input, row_map, weights)
+                return out
         kwargs = {}
         if top_k is not None:
             kwargs["top_k"] = top_k
@@ -103,8 +115,8 @@ def finalize(
             if out is None:
                 if out_dtype is not None:
                     kwargs["out_dtype"] = out_dtype
-                return _FINALIZE(input, row_map, weights, **kwargs)
-            _FINALIZE_OUT(out, input, row_map, weights, **kwargs)
+                return _FINALIZE_RAW(input, row_map, weights, **kwargs)
+            _FINALIZE_OUT_RAW(out, input, row_map, weights, **kwargs)
             return out
     extras = dict(input_scales=input_scales, bias=bias, expert_ids=expert_ids)
     if out is None:
@@ -164,15 +176,17 @@ _BELOW_AUTOGRAD = torch._C._AutoDispatchBelowAutograd
 _is_compiling = torch.compiler.is_compiling
 
 
+_grad_enabled = torch.is_grad_enabled
+
+
 def _skip_autograd(input: Tensor, weights: Optional[Tensor], residual: Optional[Tensor],
                    bias: Optional[Tensor] = None) -> bool:
     if _is_compiling():  # let the compiler see the plain op
         return False
-    if not torch.is_grad_enabled():
-        return True
-    return not (input.requires_grad or (weights is not None and weights.requires_grad)
-                or (residual is not None and residual.requires_grad)
-                or (bias is not None and bias.requires_grad))
+    return not _grad_enabled() or not (
+        input.requires_grad or (weights is not None and weights.requires_grad)
+        or (residual is not None and residual.requires_grad)
+        or (bias is not None and bias.requires_grad))
 
 
 def validate_row_map(row_map: Tensor, num_rows: int) -> None:
