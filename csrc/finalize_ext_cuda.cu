@@ -31,7 +31,7 @@ struct Elem<__nv_fp8_e4m3> {
 namespace {
 
 constexpr int kMaxThreads = 128;  // threads per block at most
-constexpr int kRowsInFlight = 8;  // source rows loaded before any is consumed
+constexpr int kMaxRowsInFlight = 8;  // source rows loaded before any is consumed (G <= this)
 constexpr float kE4m3Max = 448.0f;
 
 // One top-k slot as the accumulation reads it.
@@ -78,20 +78,20 @@ __device__ __forceinline__ Slot shuffle_slot(const Slot& mine, int src) {
   return s;
 }
 
-// Token t's slots [k0, k0 + n), n <= 32, kRowsInFlight at a time: calls
+// Token t's slots [k0, k0 + n), n <= 32, G at a time: calls
 // consume(slots) with slots[u] = slot k0 + j + u (kNoSlot past n). Lane i reads slot k0 + i;
 // shuffles hand each to the whole warp. Every lane of the warp must take part.
-template <bool kBias, typename Consume>
+template <int G, bool kBias, typename Consume>
 __device__ __forceinline__ void for_each_slot_batch(const FinalizeProblem& p, int64_t t,
                                                     Consume consume) {
   const int lane = threadIdx.x % 32;
   for (int64_t k0 = 0; k0 < p.top_k; k0 += 32) {
     const int n = p.top_k - k0 < 32 ? static_cast<int>(p.top_k - k0) : 32;
     const Slot mine = lane < n ? read_slot<kBias>(p, t, k0 + lane) : kNoSlot;
-    for (int j = 0; j < n; j += kRowsInFlight) {  // warp-uniform
-      Slot slots[kRowsInFlight];
+    for (int j = 0; j < n; j += G) {  // warp-uniform
+      Slot slots[G];
 #pragma unroll
-      for (int u = 0; u < kRowsInFlight; ++u) {
+      for (int u = 0; u < G; ++u) {
         slots[u] = shuffle_slot<kBias>(mine, (j + u) % 32);
         if (j + u >= n) slots[u].off = -1;
       }
@@ -159,25 +159,25 @@ __device__ __forceinline__ void load_bias(const FinalizeProblem& p, int64_t offs
   }
 }
 
-// acc[0..W) += the kRowsInFlight slots `s` (off < 0: skipped) at columns col..col+W, in
+// acc[0..W) += the G slots `s` (off < 0: skipped) at columns col..col+W, in
 // k-order; every row is loaded before any is consumed. Every element takes the same arithmetic
 // whatever W is (bitwise equal vector and tail paths).
-template <typename T, int W, bool kBias>
+template <typename T, int W, int G, bool kBias>
 __device__ __forceinline__ void accumulate(float* acc, const FinalizeProblem& p, int64_t col,
                                            int64_t scale_block_off, const Slot* s) {
   const T* col_ptr = static_cast<const T*>(p.input) + col;
-  Pack<T, W> rows[kRowsInFlight];
-  float sc[kRowsInFlight];
+  Pack<T, W> rows[G];
+  float sc[G];
 #pragma unroll
-  for (int u = 0; u < kRowsInFlight; ++u)
+  for (int u = 0; u < G; ++u)
     rows[u] = load_stream<T, W>(col_ptr + s[u].off, s[u].off >= 0);
 #pragma unroll
-  for (int u = 0; u < kRowsInFlight; ++u) {
+  for (int u = 0; u < G; ++u) {
     sc[u] = load_scale(p.scales + s[u].scale_off + scale_block_off,
                        p.scales != nullptr && s[u].off >= 0);
   }
 #pragma unroll
-  for (int u = 0; u < kRowsInFlight; ++u) {
+  for (int u = 0; u < G; ++u) {
     if (s[u].off < 0) continue;
     float x[W];
     widen<T, W>(rows[u], x);
@@ -229,10 +229,12 @@ struct ExtArgs {
   int64_t units;       // body_units + H % VEC scalar tail columns
 };
 
-// Without bias: at most 80 registers, 6 blocks per SM (measured on H100: more bytes in flight
-// than 4 blocks of the unbounded 102-register build).
-template <typename TIn, typename TOut, int VEC, bool kBias>
-__global__ void __launch_bounds__(kMaxThreads, kBias ? 1 : 6)
+// G rows in flight per thread: K rounded up to 2, 4 or 8 (fewer registers for small K, so more
+// warps and bytes in flight per SM). Without bias the register budget is bounded: G=8 at most
+// 80 registers, 6 blocks per SM (measured on H100: more bytes in flight than 4 blocks of the
+// unbounded 102-register build); G<=4 at most 64, 8 blocks.
+template <typename TIn, typename TOut, int VEC, int G, bool kBias>
+__global__ void __launch_bounds__(kMaxThreads, kBias ? 1 : (G == 8 ? 6 : 8))
     finalize_ext_kernel(const __grid_constant__ ExtArgs args) {
   const FinalizeProblem& p = args.p;
   const int64_t t = blockIdx.x;
@@ -249,11 +251,11 @@ __global__ void __launch_bounds__(kMaxThreads, kBias ? 1 : 6)
   float acc[VEC];
 #pragma unroll
   for (int e = 0; e < VEC; ++e) acc[e] = 0.0f;
-  for_each_slot_batch<kBias>(p, t, [&](const Slot* slots) {
+  for_each_slot_batch<G, kBias>(p, t, [&](const Slot* slots) {
     if (is_vector) {
-      accumulate<TIn, VEC, kBias>(acc, p, col, scale_block_off, slots);
+      accumulate<TIn, VEC, G, kBias>(acc, p, col, scale_block_off, slots);
     } else if (is_tail) {
-      accumulate<TIn, 1, kBias>(acc, p, col, scale_block_off, slots);
+      accumulate<TIn, 1, G, kBias>(acc, p, col, scale_block_off, slots);
     }
   });
 
@@ -293,14 +295,14 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
   if (block >= num_blocks) return;  // the whole warp: no shuffle waits for it
 
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  for_each_slot_batch<kBias>(p, t, [&](const Slot* slots) {
+  for_each_slot_batch<kMaxRowsInFlight, kBias>(p, t, [&](const Slot* slots) {
     if (whole) {
-      accumulate<TIn, 4, kBias>(acc, p, col0, scale_block_off, slots);
+      accumulate<TIn, 4, kMaxRowsInFlight, kBias>(acc, p, col0, scale_block_off, slots);
     } else {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         if (col0 + e < p.hidden)
-          accumulate<TIn, 1, kBias>(acc + e, p, col0 + e, scale_block_off, slots);
+          accumulate<TIn, 1, kMaxRowsInFlight, kBias>(acc + e, p, col0 + e, scale_block_off, slots);
       }
     }
   });
@@ -346,9 +348,14 @@ void launch_ext_typed(const FinalizeProblem& p, int device) {
   const int threads = pick_threads(p.num_tokens, args.units, info.sm_count);
   const int64_t col_blocks = (args.units + threads - 1) / threads;
   STD_TORCH_CHECK(col_blocks <= 65535, "finalize: hidden size ", p.hidden, " is too large");
-  launch_kernel(finalize_ext_kernel<TIn, TOut, VEC, kBias>,
-                dim3(static_cast<unsigned>(p.num_tokens), static_cast<unsigned>(col_blocks)),
-                dim3(threads), device, args);
+  const dim3 grid(static_cast<unsigned>(p.num_tokens), static_cast<unsigned>(col_blocks));
+  if (p.top_k <= 2) {
+    launch_kernel(finalize_ext_kernel<TIn, TOut, VEC, 2, kBias>, grid, dim3(threads), device, args);
+  } else if (p.top_k <= 4) {
+    launch_kernel(finalize_ext_kernel<TIn, TOut, VEC, 4, kBias>, grid, dim3(threads), device, args);
+  } else {
+    launch_kernel(finalize_ext_kernel<TIn, TOut, VEC, 8, kBias>, grid, dim3(threads), device, args);
+  }
 }
 
 template <typename TIn, typename TOut, int VEC>
