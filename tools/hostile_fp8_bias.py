@@ -70,7 +70,7 @@ if __name__ == "__main__":
             (16, 4, 8, 4096, None),    # 16-byte e4m3 vectors
             (5, 3, 2, 4100, None),     # vector body + scalar tail, partial last scale block
             (7, 2, 3, 13, 15),         # scalar path, padded rows, H < 128
-            (40, 2, 130, 264, None),   # K > 64: several shared-memory chunks
+            (40, 2, 130, 264, None),   # K > 64: several 32-slot warp chunks
             (1, 1, 1, 1, None),
         ]:
             run_case(rows, tokens, k, hidden, fill, stride)

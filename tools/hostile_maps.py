@@ -42,7 +42,7 @@ if __name__ == "__main__":
             (16, 4, 8, 4096, torch.bfloat16, None),   # vector path
             (5, 3, 2, 4100, torch.bfloat16, None),    # vector body + scalar tail
             (7, 2, 3, 13, torch.float16, 15),         # scalar path, padded rows
-            (40, 2, 130, 264, torch.float32, None),   # K > 64: several shared-memory chunks
+            (40, 2, 130, 264, torch.float32, None),   # K > 64: several 32-slot warp chunks
             (1, 1, 1, 1, torch.bfloat16, None),
         ]:
             run_case(rows, tokens, k, hidden, dtype, fill, stride)
