@@ -21,6 +21,7 @@ SWEEP = "sweep"
 COLORS = {
     "ours_pdl": "tab:red", "ours": "tab:red", "ours_nopdl": "tab:orange", "triton": "tab:blue",
     "compile": "tab:green", "eager": "tab:gray", "ours_fp8": "tab:purple", "triton_fp8": "tab:cyan",
+    "ours_fp8_out": "tab:brown",
 }
 
 

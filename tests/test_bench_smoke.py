@@ -49,6 +49,27 @@ def test_fp8_bytes_and_variant_nbytes():
     assert fp8.nbytes(shape) == 3 * 4 * (300 + 4 + 4 + 4 * 3) + 3 * 300 * 2
     bf16 = bf.Variant("bf16", bf.torch.bfloat16, bf.torch.bfloat16)
     assert bf16.nbytes(shape) == bf.bytes_moved(3, 4, 300)
+    # FP8 output: e4m3 codes plus one fp32 scale per 128-column block written per token.
+    fp8_out = bf.Variant("fp8_out", bf.torch.float8_e4m3fn, bf.torch.float8_e4m3fn, fp8=True,
+                         fp8_out=True)
+    assert fp8_out.nbytes(shape) == 3 * 4 * (300 + 4 + 4 + 4 * 3) + 3 * (300 + 4 * 3)
+
+
+def test_fp8_out_rows_are_checked_against_the_reference():
+    """The FP8-output rows dequantise (codes, scales) before comparing: ours passes, and a
+    result with a wrong scale layout does not."""
+    mf = pytest.importorskip("moe_finalize_plugin")
+    torch = bf.torch
+    variant = bf.Variant("fp8_out", torch.float8_e4m3fn, torch.float8_e4m3fn, fp8=True,
+                         fp8_out=True)
+    shape, gen = bf.Shape("custom", 5, 4, 300), torch.Generator().manual_seed(0)
+    reference = bf._import_reference()
+    (ours,) = bf.fp8_out_impls(mf)
+    ok, rel, _ = bf.check_correct(ours, variant, shape, reference, torch.device("cpu"), gen, 1e-2)
+    assert ok and rel < bf.FP8_OUT_TOL, rel
+    flipped = bf.Impl("flipped", lambda s: (ours.call(s)[0], s.out_scales.flip(1)))
+    ok, rel, _ = bf.check_correct(flipped, variant, shape, reference, torch.device("cpu"), gen, 1e-2)
+    assert not ok, rel
 
 
 def test_targets():
