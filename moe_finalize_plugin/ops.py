@@ -90,15 +90,7 @@ def finalize(
     if _skip_autograd(input, weights, residual, bias):
         # Nothing needs a gradient: go straight to the device kernel. The Autograd kernel would
         # only redispatch, through Python, at several microseconds per call. This branch is the
-        # eager hot path: each keyword argument costs schema parsing, so only non-defaults go,
-        # and the plain call (no extras) goes without any.
-        if (top_k is None and residual is None and scale == 1.0 and input_scales is None
-                and bias is None and expert_ids is None and out_dtype is None):
-            with _BELOW_AUTOGRAD():
-                if out is None:
-                    return _FINALIZE_RAW(input, row_map, weights)
-                _FINALIZE_OUT_RAW(out, input, row_map, weights)
-                return out
+        # eager hot path: each keyword argument costs schema parsing, so only non-defaults go.
         kwargs = {}
         if top_k is not None:
             kwargs["top_k"] = top_k
@@ -174,8 +166,6 @@ def finalize_fp8(
 
 _BELOW_AUTOGRAD = torch._C._AutoDispatchBelowAutograd
 _is_compiling = torch.compiler.is_compiling
-
-
 _grad_enabled = torch.is_grad_enabled
 
 
