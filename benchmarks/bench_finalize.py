@@ -364,7 +364,10 @@ def bf16_impls(mf: Any, reference: Any, device: torch.device) -> list[Impl]:
             impls.append(Impl("ours_nopdl", ours, pdl=False, set_pdl=mf.set_pdl))
         else:
             impls.append(Impl("ours", ours))
-    impls.append(Impl("eager", lambda s: reference.finalize(s.input, s.row_map, s.weights)))
+    # The peers write into the set's own `out` like ours: a freshly allocated output would reuse
+    # one cached block every call (under CUDA graphs too), keeping its writes in L2.
+    impls.append(Impl("eager", lambda s: reference.finalize(s.input, s.row_map, s.weights,
+                                                            out=s.out)))
     return impls
 
 
@@ -373,7 +376,7 @@ def compiled_impl(reference: Any) -> Impl:
     shape, never the recompile limit's silent fallback to eager)."""
     torch._dynamo.reset()
     fn = torch.compile(reference.finalize, dynamic=False)
-    return Impl("compile", lambda s: fn(s.input, s.row_map, s.weights), compiled=True)
+    return Impl("compile", lambda s: fn(s.input, s.row_map, s.weights, out=s.out), compiled=True)
 
 
 def ours_fp8_call(mf: Any) -> Callable[[InputSet], Tensor] | None:

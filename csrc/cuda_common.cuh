@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 
 #include <torch/csrc/stable/macros.h>
@@ -44,22 +45,33 @@ struct alignas(sizeof(T) * W) Pack {
   T v[W];
 };
 
-// Source rows are read exactly once: bypass L1 and the coherent path (16-byte ld.global.nc).
-// Where !valid nothing is read and the pack is zero. One predicated instruction, no branch:
-// with a branch per row the compiler consumed each row inside its branch, which serialised the
-// loads of a batch (measured 1.8x slower on H100).
-template <typename T, int W>
+// Source rows are read exactly once. Where !valid nothing is read and the pack is zero. One
+// predicated instruction, no branch: with a branch per row the compiler consumed each row
+// inside its branch, which serialised the loads of a batch (measured 1.8x slower on H100).
+// kL1Allocate picks the flavour (measured on H100, benchmarks/NOTES.md): plain, L1-allocating
+// ld.global streams 1-4% faster at large T; the non-coherent, L1-bypassing
+// ld.global.nc.L1::no_allocate returns sooner at small T (T=1: 2.5 vs 3.6 us). A run-time
+// choice (both loads emitted, one predicated off) kept neither advantage, hence the template.
+template <typename T, int W, bool kL1Allocate>
 __device__ __forceinline__ Pack<T, W> load_stream(const T* ptr, bool valid) {
   Pack<T, W> out;
   if constexpr (sizeof(Pack<T, W>) == 16) {
     uint4 raw;
-    asm volatile(
-        "{\n\t.reg .pred p;\n\t"
-        "setp.ne.b32 p, %5, 0;\n\t"
-        "mov.b32 %0, 0;\n\tmov.b32 %1, 0;\n\tmov.b32 %2, 0;\n\tmov.b32 %3, 0;\n\t"
-        "@p ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n\t}"
-        : "=r"(raw.x), "=r"(raw.y), "=r"(raw.z), "=r"(raw.w)
-        : "l"(ptr), "r"(static_cast<int>(valid)));
+    if constexpr (kL1Allocate) {
+      asm volatile(
+          "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %5, 0;\n\t"
+          "mov.b32 %0, 0;\n\tmov.b32 %1, 0;\n\tmov.b32 %2, 0;\n\tmov.b32 %3, 0;\n\t"
+          "@p ld.global.v4.u32 {%0, %1, %2, %3}, [%4];\n\t}"
+          : "=r"(raw.x), "=r"(raw.y), "=r"(raw.z), "=r"(raw.w)
+          : "l"(ptr), "r"(static_cast<int>(valid)));
+    } else {
+      asm volatile(
+          "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %5, 0;\n\t"
+          "mov.b32 %0, 0;\n\tmov.b32 %1, 0;\n\tmov.b32 %2, 0;\n\tmov.b32 %3, 0;\n\t"
+          "@p ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n\t}"
+          : "=r"(raw.x), "=r"(raw.y), "=r"(raw.z), "=r"(raw.w)
+          : "l"(ptr), "r"(static_cast<int>(valid)));
+    }
     memcpy(&out, &raw, sizeof raw);
   } else {
     memset(&out, 0, sizeof out);
@@ -148,6 +160,103 @@ inline int pick_threads(int64_t num_tokens, int64_t units, int sm_count) {
   threads = std::max<int64_t>(32, std::min<int64_t>(128, threads));
   threads = std::min<int64_t>(threads, ((units + 31) / 32) * 32);
   return static_cast<int>((threads + 31) / 32 * 32);
+}
+
+// ---- one block per (token, column slice) ----------------------------------------------------
+
+// A row of H columns as thread units: H / vec full vectors, then H % vec scalar tail columns.
+struct RowSplit {
+  int32_t body_units;  // 32-bit (H < 2^31): fewer registers, see Columns
+  int32_t units;
+};
+
+// This thread's token and columns: one vec-wide vector, or one scalar tail column. 32-bit
+// fields (T < 2^31 and H < 2^31 are checked at launch): two registers less than int64, which
+// keeps the 32-register G=2 kernels free of spills. Offsets computed from them are int64.
+struct Columns {
+  uint32_t t;
+  uint32_t col;
+  bool is_vector, is_tail;
+};
+
+__device__ __forceinline__ Columns my_columns(const RowSplit& split, int vec) {
+  const uint32_t unit = blockIdx.y * blockDim.x + threadIdx.x;
+  Columns c;
+  c.t = blockIdx.x;
+  c.is_vector = unit < static_cast<uint32_t>(split.body_units);
+  c.is_tail = !c.is_vector && unit < static_cast<uint32_t>(split.units);
+  c.col = c.is_vector ? unit * vec : split.body_units * vec + (unit - split.body_units);
+  return c;
+}
+
+struct RowLaunch {
+  RowSplit split;
+  dim3 grid, block;
+};
+
+// The launch of a kernel that reads my_columns(split, vec).
+inline RowLaunch row_launch(int64_t num_tokens, int64_t hidden, int vec, int sm_count) {
+  STD_TORCH_CHECK(num_tokens <= 0x7fffffffLL && hidden <= 0x7fffffffLL,
+                  "finalize: too many tokens or columns for one launch");
+  RowLaunch l;
+  l.split.body_units = static_cast<int32_t>(hidden / vec);
+  l.split.units = static_cast<int32_t>(hidden / vec + hidden % vec);
+  const int threads = pick_threads(num_tokens, l.split.units, sm_count);
+  const int64_t col_blocks = (l.split.units + threads - 1) / threads;
+  STD_TORCH_CHECK(col_blocks <= 65535, "finalize: hidden size ", hidden, " is too large");
+  l.block = dim3(threads);
+  l.grid = dim3(static_cast<unsigned>(num_tokens), static_cast<unsigned>(col_blocks));
+  return l;
+}
+
+// Rows in flight per thread: top-k rounded up to 2, 4 or 8, at most kMaxG. A smaller G needs
+// fewer registers, so small-K models (Mixtral, K=2) keep more warps, and bytes, in flight per
+// SM. Calls launch(std::integral_constant<int, G>{}).
+template <int kMaxG = 8, typename Launch>
+void with_rows_in_flight(int64_t top_k, Launch&& launch) {
+  if (top_k <= 2 || kMaxG == 2) {
+    launch(std::integral_constant<int, 2>{});
+  } else if (top_k <= 4 || kMaxG == 4) {
+    launch(std::integral_constant<int, 4>{});
+  } else {
+    launch(std::integral_constant<int, 8>{});
+  }
+}
+
+// From this many tokens on, vector kernels read source rows through L1 (see load_stream).
+constexpr int64_t kL1AllocateMinTokens = 1024;
+
+// Calls launch(std::bool_constant<kL1Allocate>{}): L1-allocating loads for vector kernels
+// (kVector) from kL1AllocateMinTokens tokens on; scalar kernels get one instantiation.
+template <bool kVector, typename Launch>
+void with_load_flavour(int64_t num_tokens, Launch&& launch) {
+  if constexpr (kVector) {
+    if (num_tokens >= kL1AllocateMinTokens) {
+      launch(std::true_type{});
+      return;
+    }
+  }
+  launch(std::false_type{});
+}
+
+// Token t's top-k slots in k-order, G at a time. Lane i of the warp reads slot k0 + i
+// (read(k) returns a Slot) and shuffles hand it to the whole warp, so the map is read once per
+// warp, with no block barrier. consume(slots, count): slots[u] is slot k0 + j + u for u < count,
+// Slot{} (skipped) past it. Slot: default-constructed = skipped; from_lane(src) = lane src's
+// slot. Every lane of the warp must call this (the loop bounds are warp-uniform).
+template <int G, typename Slot, typename Read, typename Consume>
+__device__ __forceinline__ void for_each_slot_batch(int64_t top_k, Read read, Consume consume) {
+  const int lane = threadIdx.x % 32;
+  for (int64_t k0 = 0; k0 < top_k; k0 += 32) {
+    const int n = top_k - k0 < 32 ? static_cast<int>(top_k - k0) : 32;
+    const Slot mine = lane < n ? read(k0 + lane) : Slot{};
+    for (int j = 0; j < n; j += G) {  // G divides 32, so j + u < 32: lanes >= n hold Slot{}
+      Slot slots[G];
+#pragma unroll
+      for (int u = 0; u < G; ++u) slots[u] = mine.from_lane(j + u);
+      consume(slots, n - j < G ? n - j : G);
+    }
+  }
 }
 
 // Launches on the current stream of `device`, as a programmatic dependent launch where enabled.

@@ -24,38 +24,39 @@ constexpr int kMaxThreads = 256;  // launch bound (pick_threads uses at most 128
 
 // ---- the kernel ----------------------------------------------------------------------------
 
-struct KernelArgs {
-  FinalizeProblem p;
-  int64_t body_units;  // H / VEC full vectors per row
-  int64_t units;       // body_units + H % VEC scalar tail columns
+// Slot (t, k) as the accumulation reads it: the source row's element offset (-1: skip it) and
+// its weight.
+struct RowSlot {
+  int64_t off = -1;
+  float w = 0.0f;
+  __device__ __forceinline__ RowSlot from_lane(int src) const {
+    return {__shfl_sync(0xffffffffu, off, src), __shfl_sync(0xffffffffu, w, src)};
+  }
 };
 
-// Slot (t, k): the source row's element offset (-1: skip it) and its weight. The weight is read
-// whatever the map holds ((t, k) is always in bounds), so its load overlaps the map load
-// instead of waiting for it: one dependent memory round trip less at small T.
-__device__ __forceinline__ void load_slot(const FinalizeProblem& p, int64_t t, int64_t k,
-                                          int64_t& offset, float& weight) {
+// The weight is read whatever the map holds ((t, k) is always in bounds), so its load overlaps
+// the map load instead of waiting for it: one dependent memory round trip less at small T.
+__device__ __forceinline__ RowSlot read_slot(const FinalizeProblem& p, int64_t t, int64_t k) {
   const int64_t row = load_row(p, t, k);
   const float w = load_weight(p, t, k);
   const bool valid = row >= 0 && row < p.num_rows;  // never read outside input
-  offset = valid ? row * p.input_row_stride : -1;
-  weight = valid ? w : 0.0f;
+  return {valid ? row * p.input_row_stride : -1, valid ? w : 0.0f};
 }
 
-// acc[0..W) += w[u] * row_u[col..col+W) for the first `count` of G slots, in order. Every row
-// is loaded before any is consumed (G rows in flight per thread).
-template <typename T, int W, int G>
-__device__ __forceinline__ void accumulate_rows(float* acc, const T* col_ptr, const int64_t* off,
-                                                const float* w, int count) {
-  Pack<T, W> rows[G];  // a skipped slot (off < 0) reads as zeros, weight 0
+// acc[0..W) += w * row[col..col+W) for the first `count` of the G slots, in k-order. Every row
+// is loaded before any is consumed (G rows in flight per thread); a skipped slot reads nothing.
+template <typename T, int W, int G, bool kL1Allocate>
+__device__ __forceinline__ void accumulate_rows(float* acc, const T* col_ptr, const RowSlot* s,
+                                                int count) {
+  Pack<T, W> rows[G];
 #pragma unroll
   for (int u = 0; u < G; ++u)
-    rows[u] = load_stream<T, W>(col_ptr + off[u], u < count && off[u] >= 0);
+    rows[u] = load_stream<T, W, kL1Allocate>(col_ptr + s[u].off, u < count && s[u].off >= 0);
 #pragma unroll
   for (int u = 0; u < G; ++u) {
     if (u < count) {
 #pragma unroll
-      for (int e = 0; e < W; ++e) acc[e] = fmaf(w[u], Elem<T>::load(rows[u].v[e]), acc[e]);
+      for (int e = 0; e < W; ++e) acc[e] = fmaf(s[u].w, Elem<T>::load(rows[u].v[e]), acc[e]);
     }
   }
 }
@@ -78,96 +79,46 @@ __device__ __forceinline__ void store_result(const FinalizeProblem& p, int64_t t
   *reinterpret_cast<Pack<T, W>*>(static_cast<T*>(p.out) + t * p.out_row_stride + col) = result;
 }
 
-// This thread's columns: one 16-byte vector, or one scalar tail column past the last vector.
-struct Columns {
-  int64_t col;
-  bool is_vector, is_tail;
-};
-
-__device__ __forceinline__ Columns my_columns(const KernelArgs& args, int vec) {
-  const int64_t unit = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  Columns c;
-  c.is_vector = unit < args.body_units;
-  c.is_tail = !c.is_vector && unit < args.units;
-  c.col = c.is_vector ? unit * vec : args.body_units * vec + (unit - args.body_units);
-  return c;
-}
-
-template <typename T, int VEC, int G>
-__device__ __forceinline__ void accumulate_columns(float* acc, const FinalizeProblem& p,
-                                                   const Columns& c, const int64_t* off,
-                                                   const float* w, int count) {
-  const T* col_ptr = static_cast<const T*>(p.input) + c.col;
-  if (c.is_vector) {
-    accumulate_rows<T, VEC, G>(acc, col_ptr, off, w, count);
-  } else if (c.is_tail) {
-    accumulate_rows<T, 1, G>(acc, col_ptr, off, w, count);
-  }
-}
-
-template <typename T, int VEC>
-__device__ __forceinline__ void store_columns(const FinalizeProblem& p, int64_t t,
-                                              const Columns& c, const float* acc) {
-  if (c.is_vector) {
-    store_result<T, VEC>(p, t, c.col, acc);
-  } else if (c.is_tail) {
-    store_result<T, 1>(p, t, c.col, acc);
-  }
-}
-
-// G: rows in flight per thread, K rounded up to 2, 4 or 8: a smaller G needs fewer registers,
-// so small-K models (Mixtral, K=2) keep more warps, and bytes, in flight per SM.
-template <typename T, int VEC, int G>
-__global__ void __launch_bounds__(kMaxThreads, G == 2 ? 8 : 1)  // G=2: 32 registers, full SM
-    finalize_kernel(const __grid_constant__ KernelArgs args) {
-  const FinalizeProblem& p = args.p;
-  const int64_t t = blockIdx.x;
-  const Columns c = my_columns(args, VEC);
-  const int lane = threadIdx.x % 32;
+// G: rows in flight per thread (with_rows_in_flight). G=2 is bounded to 32 registers, a full SM.
+// kL1Allocate: with_load_flavour.
+template <typename T, int VEC, int G, bool kL1Allocate>
+__global__ void __launch_bounds__(kMaxThreads, G == 2 ? 8 : 1)
+    finalize_kernel(const __grid_constant__ FinalizeProblem p, const RowSplit split) {
+  const Columns c = my_columns(split, VEC);
   wait_for_upstream();  // input, map, weights and residual may come from the previous kernel
   let_downstream_launch();
 
   float acc[VEC];
 #pragma unroll
   for (int e = 0; e < VEC; ++e) acc[e] = 0.0f;
-  for (int64_t k0 = 0; k0 < p.top_k; k0 += 32) {
-    const int n = p.top_k - k0 < 32 ? static_cast<int>(p.top_k - k0) : 32;
-    int64_t my_off = -1;
-    float my_w = 0.0f;
-    if (lane < n) load_slot(p, t, k0 + lane, my_off, my_w);
-    for (int j = 0; j < n; j += G) {  // n and j are warp-uniform: every lane shuffles
-      const int count = n - j < G ? n - j : G;
-      int64_t off[G];
-      float w[G];
-#pragma unroll
-      for (int u = 0; u < G; ++u) {
-        off[u] = __shfl_sync(0xffffffffu, my_off, (j + u) % 32);
-        w[u] = __shfl_sync(0xffffffffu, my_w, (j + u) % 32);
-      }
-      accumulate_columns<T, VEC, G>(acc, p, c, off, w, count);
-    }
+  const T* col_ptr = static_cast<const T*>(p.input) + c.col;
+  for_each_slot_batch<G, RowSlot>(
+      p.top_k, [&](int64_t k) { return read_slot(p, c.t, k); },
+      [&](const RowSlot* slots, int count) {
+        if (c.is_vector) {
+          accumulate_rows<T, VEC, G, kL1Allocate>(acc, col_ptr, slots, count);
+        } else if (c.is_tail) {
+          accumulate_rows<T, 1, G, false>(acc, col_ptr, slots, count);
+        }
+      });
+  if (c.is_vector) {
+    store_result<T, VEC>(p, c.t, c.col, acc);
+  } else if (c.is_tail) {
+    store_result<T, 1>(p, c.t, c.col, acc);
   }
-  store_columns<T, VEC>(p, t, c, acc);
 }
 
 // ---- host side -----------------------------------------------------------------------------
 
 template <typename T, int VEC>
 void launch_typed(const FinalizeProblem& p, int device) {
-  const DeviceInfo& info = device_info(device);
-  KernelArgs args{p, p.hidden / VEC, p.hidden / VEC + p.hidden % VEC};
-  const int threads = pick_threads(p.num_tokens, args.units, info.sm_count);
-  const int64_t col_blocks = (args.units + threads - 1) / threads;
-  STD_TORCH_CHECK(col_blocks <= 65535, "finalize: hidden size ", p.hidden, " is too large");
-
-  const dim3 grid(static_cast<unsigned>(p.num_tokens), static_cast<unsigned>(col_blocks));
-  if (p.top_k <= 2) {
-    launch_kernel(finalize_kernel<T, VEC, 2>, grid, dim3(threads), device, args);
-  } else if (p.top_k <= 4) {
-    launch_kernel(finalize_kernel<T, VEC, 4>, grid, dim3(threads), device, args);
-  } else {
-    launch_kernel(finalize_kernel<T, VEC, 8>, grid, dim3(threads), device, args);
-  }
+  const RowLaunch l = row_launch(p.num_tokens, p.hidden, VEC, device_info(device).sm_count);
+  with_rows_in_flight(p.top_k, [&](auto rows_in_flight) {
+    with_load_flavour<(VEC > 1)>(p.num_tokens, [&](auto l1_allocate) {
+      launch_kernel(finalize_kernel<T, VEC, decltype(rows_in_flight)::value, l1_allocate()>,
+                    l.grid, l.block, device, p, l.split);
+    });
+  });
 }
 
 template <typename T>

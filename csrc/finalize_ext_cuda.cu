@@ -34,19 +34,28 @@ constexpr int kMaxThreads = 128;  // threads per block at most
 constexpr int kMaxRowsInFlight = 8;  // source rows loaded before any is consumed (G <= this)
 constexpr float kE4m3Max = 448.0f;
 
-// One top-k slot as the accumulation reads it.
+// One top-k slot as the accumulation reads it (default: skipped).
+template <bool kBias>
 struct Slot {
-  int64_t off;        // element offset of the source row in input; -1: skip the slot
-  int64_t scale_off;  // offset of the row's scales in input_scales (0 without scales)
-  int64_t bias_off;   // offset of the expert's bias row; -1: no bias (none given, or an expert
-                      // id outside [0, E), which is never read; the CPU kernel raises instead)
-  float w;
+  int64_t off = -1;       // element offset of the source row in input; -1: skip the slot
+  int64_t scale_off = 0;  // offset of the row's scales in input_scales (0 without scales)
+  int64_t bias_off = -1;  // offset of the expert's bias row; -1: no bias (none given, or an
+                          // expert id outside [0, E), never read; the CPU kernel raises instead)
+  float w = 0.0f;
+  __device__ __forceinline__ Slot from_lane(int src) const {
+    Slot s;
+    s.off = __shfl_sync(0xffffffffu, off, src);
+    s.scale_off = __shfl_sync(0xffffffffu, scale_off, src);
+    if constexpr (kBias) s.bias_off = __shfl_sync(0xffffffffu, bias_off, src);
+    s.w = __shfl_sync(0xffffffffu, w, src);
+    return s;
+  }
 };
 
 // Slot (t, k). The weight and the expert id are read whatever the map holds ((t, k) is always in
 // bounds), so their loads overlap the map load instead of waiting for it.
 template <bool kBias>
-__device__ __forceinline__ Slot read_slot(const FinalizeProblem& p, int64_t t, int64_t k) {
+__device__ __forceinline__ Slot<kBias> read_slot(const FinalizeProblem& p, int64_t t, int64_t k) {
   const int64_t row = load_row(p, t, k);
   const float w = load_weight(p, t, k);
   int64_t expert = -1;
@@ -57,47 +66,12 @@ __device__ __forceinline__ Slot read_slot(const FinalizeProblem& p, int64_t t, i
                  : static_cast<int64_t>(static_cast<const int32_t*>(p.expert_ids)[offset]);
   }
   const bool valid = row >= 0 && row < p.num_rows;  // never read outside input
-  Slot s;
+  Slot<kBias> s;
   s.off = valid ? row * p.input_row_stride : -1;
   s.scale_off = valid ? row * p.scale_stride_row : 0;
   s.bias_off = valid && expert >= 0 && expert < p.num_experts ? expert * p.bias_row_stride : -1;
   s.w = w;
   return s;
-}
-
-constexpr Slot kNoSlot{-1, 0, -1, 0.0f};
-
-// Lane `src`'s slot, for every lane of the warp (all must call it).
-template <bool kBias>
-__device__ __forceinline__ Slot shuffle_slot(const Slot& mine, int src) {
-  Slot s;
-  s.off = __shfl_sync(0xffffffffu, mine.off, src);
-  s.scale_off = __shfl_sync(0xffffffffu, mine.scale_off, src);
-  s.bias_off = kBias ? __shfl_sync(0xffffffffu, mine.bias_off, src) : -1;
-  s.w = __shfl_sync(0xffffffffu, mine.w, src);
-  return s;
-}
-
-// Token t's slots [k0, k0 + n), n <= 32, G at a time: calls
-// consume(slots) with slots[u] = slot k0 + j + u (kNoSlot past n). Lane i reads slot k0 + i;
-// shuffles hand each to the whole warp. Every lane of the warp must take part.
-template <int G, bool kBias, typename Consume>
-__device__ __forceinline__ void for_each_slot_batch(const FinalizeProblem& p, int64_t t,
-                                                    Consume consume) {
-  const int lane = threadIdx.x % 32;
-  for (int64_t k0 = 0; k0 < p.top_k; k0 += 32) {
-    const int n = p.top_k - k0 < 32 ? static_cast<int>(p.top_k - k0) : 32;
-    const Slot mine = lane < n ? read_slot<kBias>(p, t, k0 + lane) : kNoSlot;
-    for (int j = 0; j < n; j += G) {  // warp-uniform
-      Slot slots[G];
-#pragma unroll
-      for (int u = 0; u < G; ++u) {
-        slots[u] = shuffle_slot<kBias>(mine, (j + u) % 32);
-        if (j + u >= n) slots[u].off = -1;
-      }
-      consume(slots);
-    }
-  }
 }
 
 // W elements as exact fp32 values. e4m3 pairs go through the hardware e4m3x2 -> f16x2
@@ -162,15 +136,15 @@ __device__ __forceinline__ void load_bias(const FinalizeProblem& p, int64_t offs
 // acc[0..W) += the G slots `s` (off < 0: skipped) at columns col..col+W, in
 // k-order; every row is loaded before any is consumed. Every element takes the same arithmetic
 // whatever W is (bitwise equal vector and tail paths).
-template <typename T, int W, int G, bool kBias>
+template <typename T, int W, int G, bool kBias, bool kL1Allocate = false>
 __device__ __forceinline__ void accumulate(float* acc, const FinalizeProblem& p, int64_t col,
-                                           int64_t scale_block_off, const Slot* s) {
+                                           int64_t scale_block_off, const Slot<kBias>* s) {
   const T* col_ptr = static_cast<const T*>(p.input) + col;
   Pack<T, W> rows[G];
   float sc[G];
 #pragma unroll
   for (int u = 0; u < G; ++u)
-    rows[u] = load_stream<T, W>(col_ptr + s[u].off, s[u].off >= 0);
+    rows[u] = load_stream<T, W, kL1Allocate>(col_ptr + s[u].off, s[u].off >= 0);
 #pragma unroll
   for (int u = 0; u < G; ++u) {
     sc[u] = load_scale(p.scales + s[u].scale_off + scale_block_off,
@@ -223,27 +197,15 @@ __device__ __forceinline__ void store(const FinalizeProblem& p, int64_t t, int64
   }
 }
 
-struct ExtArgs {
-  FinalizeProblem p;
-  int64_t body_units;  // H / VEC full vectors per row
-  int64_t units;       // body_units + H % VEC scalar tail columns
-};
-
-// G rows in flight per thread: K rounded up to 2, 4 or 8 (fewer registers for small K, so more
-// warps and bytes in flight per SM). Without bias the register budget is bounded: G=8 at most
-// 80 registers, 6 blocks per SM (measured on H100: more bytes in flight than 4 blocks of the
-// unbounded 102-register build); G<=4 at most 64, 8 blocks.
-template <typename TIn, typename TOut, int VEC, int G, bool kBias>
+// G rows in flight per thread (with_rows_in_flight). Without bias the register budget is
+// bounded: G=8 at most 80 registers, 6 blocks per SM (measured on H100: more bytes in flight
+// than 4 blocks of the unbounded 102-register build); G<=4 at most 64, 8 blocks.
+template <typename TIn, typename TOut, int VEC, int G, bool kBias, bool kL1Allocate>
 __global__ void __launch_bounds__(kMaxThreads, kBias ? 1 : (G == 8 ? 6 : 8))
-    finalize_ext_kernel(const __grid_constant__ ExtArgs args) {
-  const FinalizeProblem& p = args.p;
-  const int64_t t = blockIdx.x;
-  const int64_t unit = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  const bool is_vector = unit < args.body_units;
-  const bool is_tail = !is_vector && unit < args.units;
-  const int64_t col = is_vector ? unit * VEC : args.body_units * VEC + (unit - args.body_units);
+    finalize_ext_kernel(const __grid_constant__ FinalizeProblem p, const RowSplit split) {
+  const Columns c = my_columns(split, VEC);
   // VEC divides 128, so a vector never straddles two scale blocks.
-  const int64_t scale_block_off = (col / kScaleBlock) * p.scale_stride_block;
+  const int64_t scale_block_off = (c.col / kScaleBlock) * p.scale_stride_block;
 
   wait_for_upstream();  // input, scales, map, weights, bias and residual may be fresh
   let_downstream_launch();
@@ -251,18 +213,20 @@ __global__ void __launch_bounds__(kMaxThreads, kBias ? 1 : (G == 8 ? 6 : 8))
   float acc[VEC];
 #pragma unroll
   for (int e = 0; e < VEC; ++e) acc[e] = 0.0f;
-  for_each_slot_batch<G, kBias>(p, t, [&](const Slot* slots) {
-    if (is_vector) {
-      accumulate<TIn, VEC, G, kBias>(acc, p, col, scale_block_off, slots);
-    } else if (is_tail) {
-      accumulate<TIn, 1, G, kBias>(acc, p, col, scale_block_off, slots);
-    }
-  });
+  for_each_slot_batch<G, Slot<kBias>>(
+      p.top_k, [&](int64_t k) { return read_slot<kBias>(p, c.t, k); },
+      [&](const Slot<kBias>* slots, int) {
+        if (c.is_vector) {
+          accumulate<TIn, VEC, G, kBias, kL1Allocate>(acc, p, c.col, scale_block_off, slots);
+        } else if (c.is_tail) {
+          accumulate<TIn, 1, G, kBias>(acc, p, c.col, scale_block_off, slots);
+        }
+      });
 
-  if (is_vector) {
-    store<TOut, VEC>(p, t, col, acc);
-  } else if (is_tail) {
-    store<TOut, 1>(p, t, col, acc);
+  if (c.is_vector) {
+    store<TOut, VEC>(p, c.t, c.col, acc);
+  } else if (c.is_tail) {
+    store<TOut, 1>(p, c.t, c.col, acc);
   }
 }
 
@@ -295,17 +259,20 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
   if (block >= num_blocks) return;  // the whole warp: no shuffle waits for it
 
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  for_each_slot_batch<kMaxRowsInFlight, kBias>(p, t, [&](const Slot* slots) {
-    if (whole) {
-      accumulate<TIn, 4, kMaxRowsInFlight, kBias>(acc, p, col0, scale_block_off, slots);
-    } else {
+  for_each_slot_batch<kMaxRowsInFlight, Slot<kBias>>(
+      p.top_k, [&](int64_t k) { return read_slot<kBias>(p, t, k); },
+      [&](const Slot<kBias>* slots, int) {
+        if (whole) {
+          accumulate<TIn, 4, kMaxRowsInFlight, kBias>(acc, p, col0, scale_block_off, slots);
+        } else {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        if (col0 + e < p.hidden)
-          accumulate<TIn, 1, kMaxRowsInFlight, kBias>(acc + e, p, col0 + e, scale_block_off, slots);
-      }
-    }
-  });
+          for (int e = 0; e < 4; ++e) {
+            if (col0 + e < p.hidden)
+              accumulate<TIn, 1, kMaxRowsInFlight, kBias>(acc + e, p, col0 + e, scale_block_off,
+                                                           slots);
+          }
+        }
+      });
 
   float amax = 0.0f;
 #pragma unroll
@@ -332,6 +299,58 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
   if (lane == 0) p.out_scales[t * p.out_scale_stride_t + block * p.out_scale_stride_block] = s;
 }
 
+// FP8 output, vector path (input rows 16-byte aligned, H % VEC == 0, output rows VEC-byte
+// aligned): finalize_ext_kernel's layout and accumulation, one VEC-column vector per thread.
+// VEC divides 128 and blocks are whole warps, so the 128 / VEC threads of a scale block are
+// consecutive lanes of one warp: they reduce its amax with xor shuffles (threads past H take
+// part with 0), then each writes its VEC codes and the block's first thread its scale.
+template <typename TIn, int VEC, int G, bool kBias, bool kL1Allocate>
+__global__ void __launch_bounds__(kMaxThreads, kBias ? 1 : (G == 8 ? 6 : 8))
+    finalize_fp8_out_vec_kernel(const __grid_constant__ FinalizeProblem p, const RowSplit split) {
+  const Columns c = my_columns(split, VEC);
+  const int64_t block = c.col / kScaleBlock;
+  const int64_t scale_block_off = block * p.scale_stride_block;
+
+  wait_for_upstream();
+  let_downstream_launch();
+
+  float acc[VEC];
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) acc[e] = 0.0f;
+  for_each_slot_batch<G, Slot<kBias>>(
+      p.top_k, [&](int64_t k) { return read_slot<kBias>(p, c.t, k); },
+      [&](const Slot<kBias>* slots, int) {
+        if (c.is_vector) {
+          accumulate<TIn, VEC, G, kBias, kL1Allocate>(acc, p, c.col, scale_block_off, slots);
+        }
+      });
+
+  float amax = 0.0f;
+  if (c.is_vector) {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      acc[e] = p.residual != nullptr
+                   ? fmaf(p.scale, acc[e],
+                          load_float(p.residual, p.residual_dtype,
+                                     c.t * p.residual_row_stride + c.col + e))
+                   : p.scale * acc[e];
+      amax = fmaxf(amax, fabsf(acc[e]));
+    }
+  }
+#pragma unroll
+  for (int offset = kScaleBlock / VEC / 2; offset > 0; offset /= 2)
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+  if (!c.is_vector) return;
+  const float s = fmaxf(amax, p.amax_floor) / kE4m3Max;
+  Pack<__nv_fp8_e4m3, VEC> codes;
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) codes.v[e] = __nv_fp8_e4m3(acc[e] / s);  // as the warp kernel
+  *reinterpret_cast<Pack<__nv_fp8_e4m3, VEC>*>(static_cast<__nv_fp8_e4m3*>(p.out) +
+                                               c.t * p.out_row_stride + c.col) = codes;
+  if (c.col % kScaleBlock == 0)
+    p.out_scales[c.t * p.out_scale_stride_t + block * p.out_scale_stride_block] = s;
+}
+
 // ---- host side -----------------------------------------------------------------------------
 
 // Whether `vec`-element accesses into the bias rows are aligned (true without a bias).
@@ -341,21 +360,30 @@ bool bias_aligned(const FinalizeProblem& p, int vec) {
   return aligned(p.bias, p.bias_row_stride, std::min<int>(vec, 16 / static_cast<int>(size)), size);
 }
 
+// Rows in flight per thread for FP8 input: K=8 in two batches of 4 from this many tokens on
+// (measured on H100: 13% faster at T=256, 1-5% at T=512-16384; one batch of 8 keeps the
+// dependency chain shortest at decode).
+constexpr int64_t kFp8HalfBatchMinTokens = 256;
+
+template <typename TIn, typename Launch>
+void with_input_rows_in_flight(const FinalizeProblem& p, Launch&& launch) {
+  if (std::is_same_v<TIn, __nv_fp8_e4m3> && p.num_tokens >= kFp8HalfBatchMinTokens) {
+    with_rows_in_flight<4>(p.top_k, launch);
+  } else {
+    with_rows_in_flight(p.top_k, launch);
+  }
+}
+
 template <typename TIn, typename TOut, int VEC, bool kBias>
 void launch_ext_typed(const FinalizeProblem& p, int device) {
-  const DeviceInfo& info = device_info(device);
-  ExtArgs args{p, p.hidden / VEC, p.hidden / VEC + p.hidden % VEC};
-  const int threads = pick_threads(p.num_tokens, args.units, info.sm_count);
-  const int64_t col_blocks = (args.units + threads - 1) / threads;
-  STD_TORCH_CHECK(col_blocks <= 65535, "finalize: hidden size ", p.hidden, " is too large");
-  const dim3 grid(static_cast<unsigned>(p.num_tokens), static_cast<unsigned>(col_blocks));
-  if (p.top_k <= 2) {
-    launch_kernel(finalize_ext_kernel<TIn, TOut, VEC, 2, kBias>, grid, dim3(threads), device, args);
-  } else if (p.top_k <= 4) {
-    launch_kernel(finalize_ext_kernel<TIn, TOut, VEC, 4, kBias>, grid, dim3(threads), device, args);
-  } else {
-    launch_kernel(finalize_ext_kernel<TIn, TOut, VEC, 8, kBias>, grid, dim3(threads), device, args);
-  }
+  const RowLaunch l = row_launch(p.num_tokens, p.hidden, VEC, device_info(device).sm_count);
+  with_input_rows_in_flight<TIn>(p, [&](auto rows_in_flight) {
+    with_load_flavour<(VEC > 1)>(p.num_tokens, [&](auto l1_allocate) {
+      launch_kernel(finalize_ext_kernel<TIn, TOut, VEC, decltype(rows_in_flight)::value, kBias,
+                                        l1_allocate()>,
+                    l.grid, l.block, device, p, l.split);
+    });
+  });
 }
 
 template <typename TIn, typename TOut, int VEC>
@@ -395,8 +423,31 @@ void launch_fp8_out_bias(const FinalizeProblem& p, int device, dim3 grid, int64_
   }
 }
 
+// The vector kernel where its conditions hold (see finalize_fp8_out_vec_kernel), true if launched.
+template <typename TIn, bool kBias>
+bool launch_fp8_out_vec(const FinalizeProblem& p, int device) {
+  constexpr int kVec = 16 / sizeof(TIn);
+  const bool vectorizable = p.hidden % kVec == 0 &&
+                            aligned(p.input, p.input_row_stride, kVec, sizeof(TIn)) &&
+                            aligned(p.out, p.out_row_stride, kVec, 1) && bias_aligned(p, kVec);
+  if (!vectorizable) return false;
+  const RowLaunch l = row_launch(p.num_tokens, p.hidden, kVec, device_info(device).sm_count);
+  with_input_rows_in_flight<TIn>(p, [&](auto rows_in_flight) {
+    with_load_flavour<true>(p.num_tokens, [&](auto l1_allocate) {
+      launch_kernel(finalize_fp8_out_vec_kernel<TIn, kVec, decltype(rows_in_flight)::value,
+                                                kBias, l1_allocate()>,
+                    l.grid, l.block, device, p, l.split);
+    });
+  });
+  return true;
+}
+
 template <typename TIn>
 void launch_fp8_out_typed(const FinalizeProblem& p, int device) {
+  if (p.bias != nullptr ? launch_fp8_out_vec<TIn, true>(p, device)
+                        : launch_fp8_out_vec<TIn, false>(p, device)) {
+    return;
+  }
   const int64_t num_blocks = (p.hidden + kScaleBlock - 1) / kScaleBlock;
   const int64_t grid_y = (num_blocks + kWarpsPerBlock - 1) / kWarpsPerBlock;
   STD_TORCH_CHECK(grid_y <= 65535, "finalize: hidden size ", p.hidden, " is too large");
