@@ -13,8 +13,9 @@ FP8 = torch.float8_e4m3fn
 OUT_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 FP8_TOL = {**TOLERANCES, torch.float32: (1e-4, 1e-5)}  # fp32 sums of fmas vs separate mul/add
 # (T, K, H): H < 128, odd, partial last block, exactly one block, several blocks.
+# T=300 and T=1030 take the CUDA launch variants chosen by T (rows per batch, load flavour).
 SHAPES = [(0, 4, 256), (1, 1, 1), (7, 3, 100), (13, 8, 301), (5, 2, 128), (33, 8, 1040),
-          (4, 65, 257)]
+          (4, 65, 257), (300, 8, 512), (1030, 8, 272)]
 
 
 def blocks(hidden: int) -> int:
@@ -131,10 +132,12 @@ def test_fp8_all_skipped_and_zero_input(device):
 
 
 def batch_invariance(device, fn, make):
-    """Row t of a T=257 call equals, bitwise, the same token computed in T=1 and T=33 calls."""
-    big = make(257)
+    """Row t of a T=1100 call equals, bitwise, the same token computed in T=1 and T=33 calls:
+    the CUDA launch differs across T (rows in flight per batch from T=256, the load flavour
+    from T=1024), the arithmetic must not."""
+    big = make(1100)
     full = fn(big)
-    for rows in (slice(100, 101), slice(0, 33), slice(224, 257)):
+    for rows in (slice(100, 101), slice(0, 33), slice(224, 257), slice(1067, 1100)):
         part = fn(big.subset(rows))
         results = part if isinstance(part, tuple) else (part,)
         expect = full if isinstance(full, tuple) else (full,)
@@ -145,23 +148,25 @@ def batch_invariance(device, fn, make):
 class Problem:
     """An FP8 + bias problem whose token subsets share the same input rows."""
 
-    def __init__(self, device, num_tokens, hidden=1040, top_k=8):
+    def __init__(self, device, num_tokens, hidden=1040, top_k=8, bias=True):
         self.case, self.scales = fp8_case(device, num_tokens, top_k, hidden)
-        self.bias, self.experts = with_bias(self.case)
+        self.bias, self.experts = with_bias(self.case) if bias else (None, None)
 
     def subset(self, rows):
         sub = Problem.__new__(Problem)
         c = self.case
         sub.case = type(c)(c.input, c.row_map[rows], c.weights[rows], c.top_k, None, c.scale)
-        sub.scales, sub.bias, sub.experts = self.scales, self.bias, self.experts[rows]
+        sub.scales, sub.bias = self.scales, self.bias
+        sub.experts = None if self.experts is None else self.experts[rows]
         return sub
 
 
-def test_fp8_batch_invariance_bitwise(device):
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+def test_fp8_batch_invariance_bitwise(device, bias):
     def run(pr):
         return mf.finalize(pr.case.input, pr.case.row_map, pr.case.weights,
                            input_scales=pr.scales, bias=pr.bias, expert_ids=pr.experts)
-    batch_invariance(device, run, lambda t: Problem(device, t))
+    batch_invariance(device, run, lambda t: Problem(device, t, bias=bias))
     pr = Problem(device, 64)
     assert torch.equal(run(pr), run(pr)), "not bitwise reproducible run to run"
 
@@ -274,8 +279,9 @@ def test_fp8_out_matches_reference(device, input_kind, shape):
                                                        input_scales=scales))
 
 
-def test_fp8_out_zero_blocks_residual_bias_transposed_scales(device):
-    num_tokens, hidden = 9, 300
+@pytest.mark.parametrize("hidden", [300, 1040])  # warp-per-block kernel, vector kernel
+def test_fp8_out_zero_blocks_residual_bias_transposed_scales(device, hidden):
+    num_tokens = 9
     case, scales = fp8_case(device, num_tokens, 4, hidden, scale=2.5)
     case.row_map[1] = -1                  # token 1: all skipped -> zeros, scale > 0
     case.input.view(torch.uint8)[:, 128:256] = 0  # block 1 all zero for every token
@@ -299,11 +305,15 @@ def test_fp8_out_zero_blocks_residual_bias_transposed_scales(device):
     assert buf[:, num_tokens:].isnan().all(), "wrote outside out_scales"
 
 
-def test_fp8_out_batch_invariance_bitwise(device):
+# H=300: the warp-per-block kernel (no 16-column vectors); H=1040: the vector kernel, whose last
+# scale block is partial (16 columns).
+@pytest.mark.parametrize("hidden", [300, 1040])
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+def test_fp8_out_batch_invariance_bitwise(device, bias, hidden):
     def run(pr):
         return mf.finalize_fp8(pr.case.input, pr.case.row_map, pr.case.weights,
                                input_scales=pr.scales, bias=pr.bias, expert_ids=pr.experts)
-    batch_invariance(device, run, lambda t: Problem(device, t, hidden=300))
+    batch_invariance(device, run, lambda t: Problem(device, t, hidden=hidden, bias=bias))
 
 
 # ---- contract: opcheck, compile, bad input -----------------------------------------------------
