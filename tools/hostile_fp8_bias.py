@@ -1,7 +1,8 @@
 """Hostile maps and expert ids on the FP8-input / bias / FP8-output CUDA kernels (issue 7),
 for compute-sanitizer (memcheck / racecheck): map values >= P, expert ids outside [0, E),
 exactly sized input, scale and bias allocations (any read past them is out of bounds), every
-path (16-byte e4m3 vectors, scalar tail, scalar-only, K > 64, partial scale blocks).
+path (16-byte e4m3 vectors, scalar tail, scalar-only, K > 64, partial scale blocks, with and
+without bias, the launch variants chosen by T).
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python tools/hostile_fp8_bias.py
 Exits non-zero if a result differs from the reference (out-of-range slots count as skipped,
@@ -23,7 +24,7 @@ def exact(rows, cols, dtype, stride=None):
     return storage.as_strided((rows, cols), (stride, 1))
 
 
-def run_case(num_rows, num_tokens, top_k, hidden, fill, stride=None, experts=5):
+def run_case(num_rows, num_tokens, top_k, hidden, fill, stride=None, experts=5, with_bias=True):
     blocks = -(-hidden // 128)
     input = exact(num_rows, hidden, FP8, stride)
     scales = exact(blocks, num_rows, torch.float32)
@@ -39,6 +40,8 @@ def run_case(num_rows, num_tokens, top_k, hidden, fill, stride=None, experts=5):
     safe_ids = torch.where((expert_ids >= 0) & (expert_ids < experts), expert_ids, experts)
     kwargs = dict(input_scales=scales, bias=bias, expert_ids=expert_ids, scale=1.5)
     ref_kwargs = dict(kwargs, bias=padded, expert_ids=safe_ids)
+    if not with_bias:  # the FP8 kernels without a bias term
+        kwargs = ref_kwargs = dict(input_scales=scales, scale=1.5)
 
     out = torch.full((num_tokens, hidden), float("nan"), device="cuda", dtype=torch.bfloat16)
     mf.finalize(input, row_map, weights, residual=residual, out=out, **kwargs)
@@ -72,6 +75,9 @@ if __name__ == "__main__":
             (7, 2, 3, 13, 15),         # scalar path, padded rows, H < 128
             (40, 2, 130, 264, None),   # K > 64: several 32-slot warp chunks
             (1, 1, 1, 1, None),
+            (64, 300, 8, 256, None),   # T >= 256: FP8 rows in two batches of 4
+            (64, 1030, 8, 256, None),  # T >= 1024: L1-allocating loads
         ]:
-            run_case(rows, tokens, k, hidden, fill, stride)
+            for with_bias in (True, False):
+                run_case(rows, tokens, k, hidden, fill, stride, with_bias=with_bias)
     print("hostile fp8/bias maps: all cases match the reference")
