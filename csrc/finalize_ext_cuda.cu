@@ -97,14 +97,24 @@ __device__ __forceinline__ void widen(const Pack<T, W>& pack, float* out) {
 }
 
 // The scale at `ptr`, or 1.0 (no access) where !valid: one predicated load, no branch, so the
-// scale loads of a batch stay in flight with its row loads.
+// scale loads of a batch stay in flight with its row loads. Same L1 flavour as the rows (see
+// load_stream).
+template <bool kL1Allocate>
 __device__ __forceinline__ float load_scale(const float* ptr, bool valid) {
   float v;
-  asm volatile(
-      "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %2, 0;\n\tmov.b32 %0, 0f3F800000;\n\t"
-      "@p ld.global.nc.f32 %0, [%1];\n\t}"
-      : "=f"(v)
-      : "l"(ptr), "r"(static_cast<int>(valid)));
+  if constexpr (kL1Allocate) {
+    asm volatile(
+        "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %2, 0;\n\tmov.b32 %0, 0f3F800000;\n\t"
+        "@p ld.global.nc.f32 %0, [%1];\n\t}"
+        : "=f"(v)
+        : "l"(ptr), "r"(static_cast<int>(valid)));
+  } else {
+    asm volatile(
+        "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %2, 0;\n\tmov.b32 %0, 0f3F800000;\n\t"
+        "@p ld.global.nc.L1::no_allocate.f32 %0, [%1];\n\t}"
+        : "=f"(v)
+        : "l"(ptr), "r"(static_cast<int>(valid)));
+  }
   return v;
 }
 
@@ -147,8 +157,8 @@ __device__ __forceinline__ void accumulate(float* acc, const FinalizeProblem& p,
     rows[u] = load_stream<T, W, kL1Allocate>(col_ptr + s[u].off, s[u].off >= 0);
 #pragma unroll
   for (int u = 0; u < G; ++u) {
-    sc[u] = load_scale(p.scales + s[u].scale_off + scale_block_off,
-                       p.scales != nullptr && s[u].off >= 0);
+    sc[u] = load_scale<kL1Allocate>(p.scales + s[u].scale_off + scale_block_off,
+                                    p.scales != nullptr && s[u].off >= 0);
   }
 #pragma unroll
   for (int u = 0; u < G; ++u) {
