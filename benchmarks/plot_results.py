@@ -7,6 +7,9 @@ bandwidth (the floor) is the dashed line in both. Bandwidth = bytes moved / time
 using CUDA-graph time where measured, else event time.
 
     python benchmarks/plot_results.py benchmarks/results/nvidia-h100-80gb-hbm3.json
+    python benchmarks/plot_results.py --markdown benchmarks/results/nvidia-h100-80gb-hbm3.json
+
+``--markdown`` prints the README's result tables instead (bf16, FP8 input, FP8 output).
 """
 
 from __future__ import annotations
@@ -97,12 +100,68 @@ def plot(records: Sequence[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def _label(rec: dict[str, Any]) -> str:
+    return "K=8 H=4096" if rec["model"] == SWEEP else rec["model"]
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_tables(records: Sequence[dict[str, Any]]) -> str:
+    """The README tables: one row per shape, CUDA-graph µs per implementation."""
+    kernel = [r for r in records if r.get("kind") == "kernel"]
+    by_shape: dict[tuple, dict[str, dict[str, Any]]] = {}
+    for r in kernel:
+        by_shape.setdefault((r["dtype"], r["out_dtype"], r["model"] != SWEEP, r["model"], r["T"]),
+                            {})[r["impl"]] = r
+    lines: list[str] = []
+
+    def table(dtype: str, out_dtype: str, impls: list[str], ours: str, peer: str | None) -> None:
+        head = ["shape", "T", "floor µs", *impls, "ours % of floor"]
+        if peer:
+            head += [f"{peer} % of floor", f"ours / {peer}", "target"]
+        lines.extend(["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)])
+        for key in sorted(k for k in by_shape if k[0] == dtype and k[1] == out_dtype):
+            row = by_shape[key]
+            mine = row.get(ours)
+            if mine is None:
+                continue
+            cells = [_label(mine), str(mine["T"]), _fmt(mine["floor_us"])]
+            for impl in impls:
+                t = _time(row[impl]) if impl in row else None
+                cells.append(f"**{_fmt(t)}**" if impl == ours else _fmt(t))
+            cells.append(_fmt(100 * mine["floor_us"] / _time(mine), 0) + "%" if _time(mine) else "-")
+            if peer:
+                other = row.get(peer)
+                cells.append(_fmt(100 * other["floor_us"] / _time(other), 0) + "%"
+                             if other and _time(other) else "-")
+                cells.append(_fmt(mine.get("ratio_to_triton")))
+                cells.append(f"<= {mine['target_ratio']}" if mine.get("target_ratio") else "-")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+
+    table("bfloat16", "bfloat16", ["triton", "ours_pdl", "ours_nopdl", "compile", "eager"],
+          "ours_pdl", "triton")
+    table("float8_e4m3fn", "bfloat16", ["triton_fp8", "ours_fp8"], "ours_fp8", "triton_fp8")
+    table("float8_e4m3fn", "float8_e4m3fn", ["ours_fp8_out"], "ours_fp8_out", None)
+    host = [r for r in records if r.get("kind") == "host"]
+    if host:
+        lines.append("host overhead at T=1 (µs, median): " + ", ".join(
+            f"{r['impl']} {_fmt(r['host_us'], 1)}" for r in host))
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Plot bench_finalize.py JSON results.")
     p.add_argument("json", type=Path)
     p.add_argument("-o", "--output", type=Path, default=None, help="PNG path (default: beside the JSON)")
+    p.add_argument("--markdown", action="store_true", help="print the README tables, no plot")
     args = p.parse_args(argv)
     records = json.loads(args.json.read_text())
+    if args.markdown:
+        print(markdown_tables(records))
+        return 0
     out = plot(records, args.output or args.json.with_suffix(".png"))
     print(out)
     return 0

@@ -154,6 +154,24 @@ def test_plot_writes_png(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+def test_markdown_tables_from_committed_results():
+    """The README tables come from the committed H100 JSON: one row per shape, ours in bold."""
+    import plot_results
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks/results/nvidia-h100-80gb-hbm3.json"
+    records = json.loads(path.read_text())
+    text = plot_results.markdown_tables(records)
+    tables = [t for t in text.split("\n\n") if t.startswith("|")]
+    assert len(tables) == 3  # bf16, FP8 input, FP8 output
+    for table, impl in zip(tables, ("ours_pdl", "ours_fp8", "ours_fp8_out")):
+        rows = table.splitlines()[2:]
+        mine = [r for r in records if r.get("kind") == "kernel" and r["impl"] == impl]
+        assert len(rows) == len(mine) > 0
+        one = next(r for r in mine if r["model"] == "sweep" and r["T"] == 1)
+        row = next(r for r in rows if r.startswith("| K=8 H=4096 | 1 |"))
+        assert f"**{one['graph_us']:.2f}**" in row
+
+
 PEER_CHECK = textwrap.dedent(r"""
     import sys, torch
     sys.path[:0] = [{bench!r}, {repo!r}]

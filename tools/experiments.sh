@@ -1,0 +1,35 @@
+# One device call for kernel experiments (STEPS="tests ncu variants", default variants):
+#   tests    pytest $TESTS (default tests/test_fp8_bias.py) on the carried main build
+#   ncu      Inductor's generated code + Nsight Compute of ours / Triton / Inductor (peer_probe.py)
+#   variants tools/variants.sh over $VARIANTS on the key shapes, all JSON merged into
+#            $OUT/variants.json (few files come back from the device)
+# Variants are prebuilt here (e.g. NVCC_APPEND_FLAGS="-D..." or another source state, each
+# build's _C.abi3.so copied to .carry/<name>.so) and packed: tar czf carry_variants.tar.gz -C .carry .
+# (the tarball is git-ignored but must be carried: carry=["carry_variants.tar.gz",
+# "moe_finalize_plugin/_C.abi3.so"]).
+set -uo pipefail
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+mkdir -p .carry && { [[ ! -f carry_variants.tar.gz ]] || tar xzf carry_variants.tar.gz -C .carry; }
+nvidia-smi --query-gpu=name --format=csv,noheader
+has() { [[ " ${STEPS:-variants} " == *" $1 "* ]]; }
+if has tests; then
+  python3 -m pytest ${TESTS:-tests/test_fp8_bias.py} -q -x -p no:cacheprovider 2>&1 | tail -5
+fi
+if has ncu; then
+  TORCH_LOGS=output_code python3 tools/peer_probe.py 256,8,4096 1024,2,4096 16384,8,4096 > $OUT/inductor_code.log 2>&1; echo "inductor dump rc=$?"
+  timeout 150 ncu --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+    --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sectors_srcunit_tex_op_read.sum,lts__t_sectors_srcunit_tex_op_write.sum,smsp__warp_issue_stalled_long_scoreboard_per_warp_active.pct \
+    -k regex:'finalize|triton_' python3 tools/peer_probe.py ${NCU_SHAPES:-256,8,4096 1024,2,4096 16384,8,4096} > $OUT/ncu_peers.txt 2>&1; echo "ncu rc=$?"
+fi
+if has variants; then
+  ARGS="--shape 1,8,4096 --shape 128,8,4096 --shape 256,8,4096 --shape 512,8,4096 --shape 1024,8,4096 --shape 4096,8,4096 --shape 16384,8,4096 --shape 1024,2,4096 --shape 16384,2,4096 --fp8 --impls ^(triton|triton_fp8|ours_pdl|ours_fp8|ours_fp8_out)$ --graph-windows 3"
+  OUT=$OUT/v TAIL=40 timeout ${VTIMEOUT:-300} bash tools/variants.sh "$ARGS" ${VARIANTS:-ref} > $OUT/variants.log 2>&1
+  echo "variants rc=$?"
+  python3 - <<'PY'
+import json, glob, os
+out = os.environ["OUT"]
+allr = {f.split("/")[-2]: json.load(open(f)) for f in glob.glob(f"{out}/v/variant_*/*.json")}
+json.dump(allr, open(f"{out}/variants.json", "w"))
+PY
+  rm -rf $OUT/v
+fi
