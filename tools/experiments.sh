@@ -22,7 +22,8 @@ if has ncu; then
     -k regex:'finalize|triton_' python3 tools/peer_probe.py ${NCU_SHAPES:-256,8,4096 1024,2,4096 16384,8,4096} > $OUT/ncu_peers.txt 2>&1; echo "ncu rc=$?"
 fi
 if has variants; then
-  ARGS="--shape 1,8,4096 --shape 128,8,4096 --shape 256,8,4096 --shape 512,8,4096 --shape 1024,8,4096 --shape 4096,8,4096 --shape 16384,8,4096 --shape 1024,2,4096 --shape 16384,2,4096 --fp8 --impls ^(triton|triton_fp8|ours_pdl|ours_fp8|ours_fp8_out)$ --graph-windows 3"
+  SHAPES=${SHAPES:-1,8,4096 128,8,4096 256,8,4096 512,8,4096 1024,8,4096 4096,8,4096 16384,8,4096 1024,2,4096 16384,2,4096}
+  ARGS="$(printf -- '--shape %s ' $SHAPES) ${FP8_ROWS---fp8} --impls ^(triton|triton_fp8|ours_pdl|ours_fp8|ours_fp8_out)$ --graph-windows 3"
   OUT=$OUT/v TAIL=40 timeout ${VTIMEOUT:-300} bash tools/variants.sh "$ARGS" ${VARIANTS:-ref} > $OUT/variants.log 2>&1
   echo "variants rc=$?"
   python3 - <<'PY'
