@@ -208,10 +208,15 @@ __device__ __forceinline__ void store(const FinalizeProblem& p, int64_t t, int64
 }
 
 // G rows in flight per thread (with_rows_in_flight). Without bias the register budget is
-// bounded: G=8 at most 80 registers, 6 blocks per SM (measured on H100: more bytes in flight
-// than 4 blocks of the unbounded 102-register build); G<=4 at most 64, 8 blocks.
+// bounded (measured on H100): G=8 at most 80 registers, 6 blocks per SM (more bytes in flight
+// than 4 blocks of the unbounded 102-register build); G=4 at most 56, 9 blocks (FP8 K=8
+// T=16384: 240.8 vs 243.5 us with 64 registers; 48 registers spilled and lost); G=2 at most 64.
+constexpr int min_blocks_per_sm(int rows_in_flight, bool bias) {
+  return bias ? 1 : (rows_in_flight == 8 ? 6 : (rows_in_flight == 4 ? 9 : 8));
+}
+
 template <typename TIn, typename TOut, int VEC, int G, bool kBias, bool kL1Allocate>
-__global__ void __launch_bounds__(kMaxThreads, kBias ? 1 : (G == 8 ? 6 : 8))
+__global__ void __launch_bounds__(kMaxThreads, min_blocks_per_sm(G, kBias))
     finalize_ext_kernel(const __grid_constant__ FinalizeProblem p, const RowSplit split) {
   const Columns c = my_columns(split, VEC);
   // VEC divides 128, so a vector never straddles two scale blocks.
@@ -314,8 +319,9 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
 // VEC divides 128 and blocks are whole warps, so the 128 / VEC threads of a scale block are
 // consecutive lanes of one warp: they reduce its amax with xor shuffles (threads past H take
 // part with 0), then each writes its VEC codes and the block's first thread its scale.
+// Registers bounded as finalize_ext_kernel's.
 template <typename TIn, int VEC, int G, bool kBias, bool kL1Allocate>
-__global__ void __launch_bounds__(kMaxThreads, kBias ? 1 : (G == 8 ? 6 : 8))
+__global__ void __launch_bounds__(kMaxThreads, min_blocks_per_sm(G, kBias))
     finalize_fp8_out_vec_kernel(const __grid_constant__ FinalizeProblem p, const RowSplit split) {
   const Columns c = my_columns(split, VEC);
   const int64_t block = c.col / kScaleBlock;
