@@ -210,8 +210,8 @@ __device__ __forceinline__ void store(const FinalizeProblem& p, int64_t t, int64
 // G rows in flight per thread (with_rows_in_flight). Without bias the register budget is
 // bounded (measured on H100): G=8 at most 80 registers, 6 blocks per SM (more bytes in flight
 // than 4 blocks of the unbounded 102-register build); G<=4 at most 64, 8 blocks. (G=4 at 56
-// registers, 9 blocks: FP8 K=8 1-3% faster from T=4096 but 5-7% slower at T=512-1024; 48
-// registers spilled and lost everywhere.)
+// registers, 9 blocks: FP8 K=8 1-3% faster from T=4096, 5-7% slower at T=512 (H=4096) and
+// T=1024 (H=2048) in a full-run comparison; 48 registers spilled and lost everywhere.)
 constexpr int min_blocks_per_sm(int rows_in_flight, bool bias) {
   return bias ? 1 : (rows_in_flight == 8 ? 6 : 8);
 }
