@@ -183,6 +183,23 @@ __device__ __forceinline__ void accumulate(float* acc, const FinalizeProblem& p,
   }
 }
 
+// acc[0..VEC) += this thread's columns of token c.t over all its slots, in k-order: the vector
+// path, or acc[0] on the scalar tail where kTail (kernels whose H is a multiple of VEC have
+// none). The body shared by finalize_ext_kernel and finalize_fp8_out_vec_kernel.
+template <typename TIn, int VEC, int G, bool kBias, bool kL1Allocate, bool kTail>
+__device__ __forceinline__ void accumulate_token(float* acc, const FinalizeProblem& p,
+                                                 const Columns& c, int64_t scale_block_off) {
+  for_each_slot_batch<G, Slot<kBias>>(
+      p.top_k, [&](int64_t k) { return read_slot<kBias>(p, c.t, k); },
+      [&](const Slot<kBias>* slots, int) {
+        if (c.is_vector) {
+          accumulate<TIn, VEC, G, kBias, kL1Allocate>(acc, p, c.col, scale_block_off, slots);
+        } else if (kTail && c.is_tail) {
+          accumulate<TIn, 1, G, kBias>(acc, p, c.col, scale_block_off, slots);
+        }
+      });
+}
+
 // out[t, col..col+W) = round(residual + scale * acc), in accesses of at most 16 bytes.
 template <typename TOut, int W>
 __device__ __forceinline__ void store(const FinalizeProblem& p, int64_t t, int64_t col,
@@ -229,15 +246,7 @@ __global__ void __launch_bounds__(kMaxThreads, min_blocks_per_sm(G, kBias))
   float acc[VEC];
 #pragma unroll
   for (int e = 0; e < VEC; ++e) acc[e] = 0.0f;
-  for_each_slot_batch<G, Slot<kBias>>(
-      p.top_k, [&](int64_t k) { return read_slot<kBias>(p, c.t, k); },
-      [&](const Slot<kBias>* slots, int) {
-        if (c.is_vector) {
-          accumulate<TIn, VEC, G, kBias, kL1Allocate>(acc, p, c.col, scale_block_off, slots);
-        } else if (c.is_tail) {
-          accumulate<TIn, 1, G, kBias>(acc, p, c.col, scale_block_off, slots);
-        }
-      });
+  accumulate_token<TIn, VEC, G, kBias, kL1Allocate, true>(acc, p, c, scale_block_off);
 
   if (c.is_vector) {
     store<TOut, VEC>(p, c.t, c.col, acc);
@@ -334,13 +343,7 @@ __global__ void __launch_bounds__(kMaxThreads, min_blocks_per_sm(G, kBias))
   float acc[VEC];
 #pragma unroll
   for (int e = 0; e < VEC; ++e) acc[e] = 0.0f;
-  for_each_slot_batch<G, Slot<kBias>>(
-      p.top_k, [&](int64_t k) { return read_slot<kBias>(p, c.t, k); },
-      [&](const Slot<kBias>* slots, int) {
-        if (c.is_vector) {
-          accumulate<TIn, VEC, G, kBias, kL1Allocate>(acc, p, c.col, scale_block_off, slots);
-        }
-      });
+  accumulate_token<TIn, VEC, G, kBias, kL1Allocate, false>(acc, p, c, scale_block_off);
 
   float amax = 0.0f;
   if (c.is_vector) {
