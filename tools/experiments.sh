@@ -1,6 +1,6 @@
 # One device call for kernel experiments (STEPS="tests ncu variants", default variants):
 #   tests    pytest $TESTS (default tests/test_fp8_bias.py) on the carried main build
-#   ncu      Inductor's generated code + Nsight Compute of ours / Triton / Inductor (peer_probe.py)
+#   ncu      Inductor's generated code, then tools/gpu_check.sh ncu (ours / Triton / Inductor)
 #   variants tools/variants.sh over $VARIANTS on the key shapes, all JSON merged into
 #            $OUT/variants.json (few files come back from the device)
 # Variants are prebuilt here (e.g. NVCC_APPEND_FLAGS="-D..." or another source state, each
@@ -16,10 +16,8 @@ if has tests; then
   python3 -m pytest ${TESTS:-tests/test_fp8_bias.py} -q -x -p no:cacheprovider 2>&1 | tail -5
 fi
 if has ncu; then
-  TORCH_LOGS=output_code python3 tools/peer_probe.py 256,8,4096 1024,2,4096 16384,8,4096 > $OUT/inductor_code.log 2>&1; echo "inductor dump rc=$?"
-  timeout 150 ncu --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
-    --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sectors_srcunit_tex_op_read.sum,lts__t_sectors_srcunit_tex_op_write.sum,smsp__warp_issue_stalled_long_scoreboard_per_warp_active.pct \
-    -k regex:'finalize|triton_' python3 tools/peer_probe.py ${NCU_SHAPES:-256,8,4096 1024,2,4096 16384,8,4096} > $OUT/ncu_peers.txt 2>&1; echo "ncu rc=$?"
+  TORCH_LOGS=output_code python3 tools/peer_probe.py ${NCU_SHAPES:-256,8,4096 1024,2,4096 16384,8,4096} > $OUT/inductor_code.log 2>&1; echo "inductor dump rc=$?"
+  NCU_SHAPES=${NCU_SHAPES:-256,8,4096 1024,2,4096 16384,8,4096} bash tools/gpu_check.sh ncu
 fi
 if has variants; then
   SHAPES=${SHAPES:-1,8,4096 128,8,4096 256,8,4096 512,8,4096 1024,8,4096 4096,8,4096 16384,8,4096 1024,2,4096 16384,2,4096}
