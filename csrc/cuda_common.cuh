@@ -94,7 +94,16 @@ __device__ __forceinline__ void let_downstream_launch() {
 #endif
 }
 
+// Slot (t, k)'s weight and source row. kCommonSlots: the map is int32 and the weights fp32, both
+// present with k-contiguous rows (vLLM's topk_ids / topk_weights; see common_slots), read
+// without the general case's null / dtype branches and stride multiply. That reader is compiled
+// separately because those branches measured up to 8% of bandwidth at K=2 and 0.3 us at decode
+// (H100, benchmarks/NOTES.md "Session 4").
+template <bool kCommonSlots = false>
 __device__ __forceinline__ float load_weight(const FinalizeProblem& p, int64_t t, int64_t k) {
+  if constexpr (kCommonSlots) {
+    return static_cast<const float*>(p.weights)[t * p.weight_stride_t + k];
+  }
   if (p.weights == nullptr) return 1.0f;
   const int64_t offset = t * p.weight_stride_t + k * p.weight_stride_k;
   switch (p.weight_dtype) {
@@ -105,7 +114,11 @@ __device__ __forceinline__ float load_weight(const FinalizeProblem& p, int64_t t
   }
 }
 
+template <bool kCommonSlots = false>
 __device__ __forceinline__ int64_t load_row(const FinalizeProblem& p, int64_t t, int64_t k) {
+  if constexpr (kCommonSlots) {
+    return static_cast<const int32_t*>(p.row_map)[t * p.map_stride_t + k];
+  }
   if (p.row_map == nullptr) return t * p.top_k + k;
   const int64_t offset = t * p.map_stride_t + k * p.map_stride_k;
   return p.map_is_int64 ? static_cast<const int64_t*>(p.row_map)[offset]
@@ -168,6 +181,11 @@ inline int pick_threads(int64_t num_tokens, int64_t units, int sm_count) {
 struct RowSplit {
   int32_t body_units;  // 32-bit (H < 2^31): fewer registers, see Columns
   int32_t units;
+  // 0: 2-D grid (token, column block). Otherwise a 1-D grid of num_tokens * col_blocks blocks,
+  // the column block varying fastest (see row_launch); block / col_blocks is
+  // umulhi(block, div_multiplier) >> div_shift (exact below 2^31, see column_divisor).
+  uint32_t col_blocks;
+  uint32_t div_multiplier, div_shift;
 };
 
 // This thread's token and columns: one vec-wide vector, or one scalar tail column. 32-bit
@@ -180,9 +198,15 @@ struct Columns {
 };
 
 __device__ __forceinline__ Columns my_columns(const RowSplit& split, int vec) {
-  const uint32_t unit = blockIdx.y * blockDim.x + threadIdx.x;
+  uint32_t t = blockIdx.x, col_block = blockIdx.y;
+  if (split.col_blocks != 0) {
+    t = split.col_blocks == 1 ? blockIdx.x
+                              : __umulhi(blockIdx.x, split.div_multiplier) >> split.div_shift;
+    col_block = blockIdx.x - t * split.col_blocks;
+  }
+  const uint32_t unit = col_block * blockDim.x + threadIdx.x;
   Columns c;
-  c.t = blockIdx.x;
+  c.t = t;
   c.is_vector = unit < static_cast<uint32_t>(split.body_units);
   c.is_tail = !c.is_vector && unit < static_cast<uint32_t>(split.units);
   c.col = c.is_vector ? unit * vec : split.body_units * vec + (unit - split.body_units);
@@ -194,8 +218,28 @@ struct RowLaunch {
   dim3 grid, block;
 };
 
-// The launch of a kernel that reads my_columns(split, vec).
-inline RowLaunch row_launch(int64_t num_tokens, int64_t hidden, int vec, int sm_count) {
+// From this many tokens on, launches are tuned for streaming (measured on H100,
+// benchmarks/NOTES.md "Session 4"): blocks in column-block-fastest order (a token's whole row is
+// read and written by neighbouring blocks), bf16 rows 2 in flight per thread, FP8 kernels at
+// 56 registers. Below it those cost 1-6%.
+constexpr int64_t kStreamMinTokens = 4096;
+
+// Division of block indices n < 2^31 by d >= 2 as a multiply-high and a shift (a divide is ~20
+// instructions): l = ceil(log2 d), m = ceil(2^(31+l) / d) < 2^32, n / d = (n * m) >> (31 + l).
+// Exact: m * d - 2^(31+l) < d, so n * m / 2^(31+l) exceeds n / d by less than n / 2^(31+l)
+// < 1 / d, too little to reach the next integer. (d = 1 is the kernel's own branch.)
+inline void column_divisor(RowSplit& split, uint32_t d) {
+  int l = 0;
+  while ((1ULL << l) < d) ++l;
+  split.col_blocks = d;
+  split.div_multiplier = static_cast<uint32_t>(((1ULL << (31 + l)) + d - 1) / d);
+  split.div_shift = l > 0 ? static_cast<uint32_t>(l - 1) : 0;
+}
+
+// The launch of a kernel that reads my_columns(split, vec); column_fastest asks for the 1-D,
+// column-block-fastest grid (kept 2-D where num_tokens * column blocks would not fit).
+inline RowLaunch row_launch(int64_t num_tokens, int64_t hidden, int vec, int sm_count,
+                            bool column_fastest) {
   STD_TORCH_CHECK(num_tokens <= 0x7fffffffLL && hidden <= 0x7fffffffLL,
                   "finalize: too many tokens or columns for one launch");
   RowLaunch l;
@@ -205,7 +249,13 @@ inline RowLaunch row_launch(int64_t num_tokens, int64_t hidden, int vec, int sm_
   const int64_t col_blocks = (l.split.units + threads - 1) / threads;
   STD_TORCH_CHECK(col_blocks <= 65535, "finalize: hidden size ", hidden, " is too large");
   l.block = dim3(threads);
-  l.grid = dim3(static_cast<unsigned>(num_tokens), static_cast<unsigned>(col_blocks));
+  l.split.col_blocks = l.split.div_multiplier = l.split.div_shift = 0;
+  if (column_fastest && num_tokens * col_blocks <= 0x7fffffffLL) {
+    column_divisor(l.split, static_cast<uint32_t>(col_blocks));
+    l.grid = dim3(static_cast<unsigned>(num_tokens * col_blocks));
+  } else {
+    l.grid = dim3(static_cast<unsigned>(num_tokens), static_cast<unsigned>(col_blocks));
+  }
   return l;
 }
 
@@ -257,6 +307,26 @@ __device__ __forceinline__ void for_each_slot_batch(int64_t top_k, Read read, Co
       consume(slots, n - j < G ? n - j : G);
     }
   }
+}
+
+// Whether the map and weights have the common format load_row<true> / load_weight<true> read
+// (with K = 1 the k-stride is never used).
+inline bool common_slots(const FinalizeProblem& p) {
+  const bool k_contiguous = p.top_k == 1 || (p.map_stride_k == 1 && p.weight_stride_k == 1);
+  return p.row_map != nullptr && !p.map_is_int64 && p.weights != nullptr &&
+         p.weight_dtype == ScalarType::Float && k_contiguous;
+}
+
+// Calls launch(std::bool_constant<kCommonSlots>{}): true where kAllowed and common_slots(p).
+template <bool kAllowed, typename Launch>
+void with_slot_format(const FinalizeProblem& p, Launch&& launch) {
+  if constexpr (kAllowed) {
+    if (common_slots(p)) {
+      launch(std::true_type{});
+      return;
+    }
+  }
+  launch(std::false_type{});
 }
 
 // Launches on the current stream of `device`, as a programmatic dependent launch where enabled.

@@ -36,9 +36,10 @@ struct RowSlot {
 
 // The weight is read whatever the map holds ((t, k) is always in bounds), so its load overlaps
 // the map load instead of waiting for it: one dependent memory round trip less at small T.
+template <bool kCommonSlots>
 __device__ __forceinline__ RowSlot read_slot(const FinalizeProblem& p, int64_t t, int64_t k) {
-  const int64_t row = load_row(p, t, k);
-  const float w = load_weight(p, t, k);
+  const int64_t row = load_row<kCommonSlots>(p, t, k);
+  const float w = load_weight<kCommonSlots>(p, t, k);
   const bool valid = row >= 0 && row < p.num_rows;  // never read outside input
   return {valid ? row * p.input_row_stride : -1, valid ? w : 0.0f};
 }
@@ -81,7 +82,7 @@ __device__ __forceinline__ void store_result(const FinalizeProblem& p, int64_t t
 
 // G: rows in flight per thread (with_rows_in_flight). G=2 is bounded to 32 registers, a full SM.
 // kL1Allocate: with_load_flavour.
-template <typename T, int VEC, int G, bool kL1Allocate>
+template <typename T, int VEC, int G, bool kL1Allocate, bool kCommonSlots>
 __global__ void __launch_bounds__(kMaxThreads, G == 2 ? 8 : 1)
     finalize_kernel(const __grid_constant__ FinalizeProblem p, const RowSplit split) {
   const Columns c = my_columns(split, VEC);
@@ -93,7 +94,7 @@ __global__ void __launch_bounds__(kMaxThreads, G == 2 ? 8 : 1)
   for (int e = 0; e < VEC; ++e) acc[e] = 0.0f;
   const T* col_ptr = static_cast<const T*>(p.input) + c.col;
   for_each_slot_batch<G, RowSlot>(
-      p.top_k, [&](int64_t k) { return read_slot(p, c.t, k); },
+      p.top_k, [&](int64_t k) { return read_slot<kCommonSlots>(p, c.t, k); },
       [&](const RowSlot* slots, int count) {
         if (c.is_vector) {
           accumulate_rows<T, VEC, G, kL1Allocate>(acc, col_ptr, slots, count);
@@ -112,13 +113,23 @@ __global__ void __launch_bounds__(kMaxThreads, G == 2 ? 8 : 1)
 
 template <typename T, int VEC>
 void launch_typed(const FinalizeProblem& p, int device) {
-  const RowLaunch l = row_launch(p.num_tokens, p.hidden, VEC, device_info(device).sm_count);
-  with_rows_in_flight(p.top_k, [&](auto rows_in_flight) {
+  const RowLaunch l = row_launch(p.num_tokens, p.hidden, VEC, device_info(device).sm_count,
+                                 p.num_tokens >= kStreamMinTokens);
+  auto launch = [&](auto rows_in_flight) {
     with_load_flavour<(VEC > 1)>(p.num_tokens, [&](auto l1_allocate) {
-      launch_kernel(finalize_kernel<T, VEC, decltype(rows_in_flight)::value, l1_allocate()>,
-                    l.grid, l.block, device, p, l.split);
+      with_slot_format<(VEC > 1)>(p, [&](auto common_slots) {
+        launch_kernel(finalize_kernel<T, VEC, decltype(rows_in_flight)::value, l1_allocate(),
+                                      common_slots()>,
+                      l.grid, l.block, device, p, l.split);
+      });
     });
-  });
+  };
+  // Streaming: 2 rows in flight (32 registers, full occupancy) beat 8 from T=4096 on (H100).
+  if (p.num_tokens >= kStreamMinTokens) {
+    with_rows_in_flight<2>(p.top_k, launch);
+  } else {
+    with_rows_in_flight(p.top_k, launch);
+  }
 }
 
 template <typename T>

@@ -54,10 +54,10 @@ struct Slot {
 
 // Slot (t, k). The weight and the expert id are read whatever the map holds ((t, k) is always in
 // bounds), so their loads overlap the map load instead of waiting for it.
-template <bool kBias>
+template <bool kBias, bool kCommonSlots = false>
 __device__ __forceinline__ Slot<kBias> read_slot(const FinalizeProblem& p, int64_t t, int64_t k) {
-  const int64_t row = load_row(p, t, k);
-  const float w = load_weight(p, t, k);
+  const int64_t row = load_row<kCommonSlots>(p, t, k);
+  const float w = load_weight<kCommonSlots>(p, t, k);
   int64_t expert = -1;
   if constexpr (kBias) {
     const int64_t offset = t * p.expert_stride_t + k * p.expert_stride_k;
@@ -186,11 +186,12 @@ __device__ __forceinline__ void accumulate(float* acc, const FinalizeProblem& p,
 // acc[0..VEC) += this thread's columns of token c.t over all its slots, in k-order: the vector
 // path, or acc[0] on the scalar tail where kTail (kernels whose H is a multiple of VEC have
 // none). The body shared by finalize_ext_kernel and finalize_fp8_out_vec_kernel.
-template <typename TIn, int VEC, int G, bool kBias, bool kL1Allocate, bool kTail>
+template <typename TIn, int VEC, int G, bool kBias, bool kL1Allocate, bool kCommonSlots,
+          bool kTail>
 __device__ __forceinline__ void accumulate_token(float* acc, const FinalizeProblem& p,
                                                  const Columns& c, int64_t scale_block_off) {
   for_each_slot_batch<G, Slot<kBias>>(
-      p.top_k, [&](int64_t k) { return read_slot<kBias>(p, c.t, k); },
+      p.top_k, [&](int64_t k) { return read_slot<kBias, kCommonSlots>(p, c.t, k); },
       [&](const Slot<kBias>* slots, int) {
         if (c.is_vector) {
           accumulate<TIn, VEC, G, kBias, kL1Allocate>(acc, p, c.col, scale_block_off, slots);
@@ -224,17 +225,34 @@ __device__ __forceinline__ void store(const FinalizeProblem& p, int64_t t, int64
   }
 }
 
-// G rows in flight per thread (with_rows_in_flight). Without bias the register budget is
-// bounded (measured on H100): G=8 at most 80 registers, 6 blocks per SM (more bytes in flight
-// than 4 blocks of the unbounded 102-register build); G<=4 at most 64, 8 blocks. (G=4 at 56
-// registers, 9 blocks: FP8 K=8 1-3% faster from T=4096, 5-7% slower at T=512 (H=4096) and
-// T=1024 (H=2048) in a full-run comparison; 48 registers spilled and lost everywhere.)
-constexpr int min_blocks_per_sm(int rows_in_flight, bool bias) {
-  return bias ? 1 : (rows_in_flight == 8 ? 6 : 8);
+// Blocks per SM the registers of a G-row kernel are bounded for, measured on H100: G=8 at most
+// 80 registers, 6 blocks (more bytes in flight than 4 blocks of the unbounded 102-register
+// build); G<=4 at most 64, 8 blocks, or when streaming (T >= kStreamMinTokens) 56, 9 blocks:
+// FP8 1-4% faster there, 5-7% slower at T=512. 48 registers spilled and lost everywhere. With
+// bias, unbounded.
+constexpr int min_blocks_per_sm(int rows_in_flight, bool bias, bool stream) {
+  return bias ? 1 : rows_in_flight == 8 ? 6 : (rows_in_flight == 4 && stream) ? 9 : 8;
 }
 
-template <typename TIn, typename TOut, int VEC, int G, bool kBias, bool kL1Allocate>
-__global__ void __launch_bounds__(kMaxThreads, min_blocks_per_sm(G, kBias))
+// Calls launch(std::integral_constant<int, blocks>{}) with min_blocks_per_sm for this launch;
+// a separate streaming instantiation only where its bound differs.
+template <int G, bool kBias, bool kL1Allocate, typename Launch>
+void with_register_bound(int64_t num_tokens, Launch&& launch) {
+  static_assert(kStreamMinTokens >= kL1AllocateMinTokens, "streaming launches read through L1");
+  constexpr int kDefault = min_blocks_per_sm(G, kBias, false);
+  constexpr int kStream = min_blocks_per_sm(G, kBias, true);
+  if constexpr (kStream != kDefault && kL1Allocate) {
+    if (num_tokens >= kStreamMinTokens) {
+      launch(std::integral_constant<int, kStream>{});
+      return;
+    }
+  }
+  launch(std::integral_constant<int, kDefault>{});
+}
+
+template <typename TIn, typename TOut, int VEC, int G, bool kBias, bool kL1Allocate,
+          bool kCommonSlots, int kMinBlocks>
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
     finalize_ext_kernel(const __grid_constant__ FinalizeProblem p, const RowSplit split) {
   const Columns c = my_columns(split, VEC);
   // VEC divides 128, so a vector never straddles two scale blocks.
@@ -246,7 +264,8 @@ __global__ void __launch_bounds__(kMaxThreads, min_blocks_per_sm(G, kBias))
   float acc[VEC];
 #pragma unroll
   for (int e = 0; e < VEC; ++e) acc[e] = 0.0f;
-  accumulate_token<TIn, VEC, G, kBias, kL1Allocate, true>(acc, p, c, scale_block_off);
+  accumulate_token<TIn, VEC, G, kBias, kL1Allocate, kCommonSlots, true>(acc, p, c,
+                                                                      scale_block_off);
 
   if (c.is_vector) {
     store<TOut, VEC>(p, c.t, c.col, acc);
@@ -330,8 +349,9 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
 // consecutive lanes of one warp: they reduce its amax with xor shuffles (threads past H take
 // part with 0), then each writes its VEC codes and the block's first thread its scale.
 // Registers bounded as finalize_ext_kernel's.
-template <typename TIn, int VEC, int G, bool kBias, bool kL1Allocate>
-__global__ void __launch_bounds__(kMaxThreads, min_blocks_per_sm(G, kBias))
+template <typename TIn, int VEC, int G, bool kBias, bool kL1Allocate, bool kCommonSlots,
+          int kMinBlocks>
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
     finalize_fp8_out_vec_kernel(const __grid_constant__ FinalizeProblem p, const RowSplit split) {
   const Columns c = my_columns(split, VEC);
   const int64_t block = c.col / kScaleBlock;
@@ -343,7 +363,8 @@ __global__ void __launch_bounds__(kMaxThreads, min_blocks_per_sm(G, kBias))
   float acc[VEC];
 #pragma unroll
   for (int e = 0; e < VEC; ++e) acc[e] = 0.0f;
-  accumulate_token<TIn, VEC, G, kBias, kL1Allocate, false>(acc, p, c, scale_block_off);
+  accumulate_token<TIn, VEC, G, kBias, kL1Allocate, kCommonSlots, false>(acc, p, c,
+                                                                       scale_block_off);
 
   float amax = 0.0f;
   if (c.is_vector) {
@@ -396,12 +417,19 @@ void with_input_rows_in_flight(const FinalizeProblem& p, Launch&& launch) {
 
 template <typename TIn, typename TOut, int VEC, bool kBias>
 void launch_ext_typed(const FinalizeProblem& p, int device) {
-  const RowLaunch l = row_launch(p.num_tokens, p.hidden, VEC, device_info(device).sm_count);
+  const RowLaunch l = row_launch(p.num_tokens, p.hidden, VEC, device_info(device).sm_count,
+                                 p.num_tokens >= kStreamMinTokens);
   with_input_rows_in_flight<TIn>(p, [&](auto rows_in_flight) {
     with_load_flavour<(VEC > 1)>(p.num_tokens, [&](auto l1_allocate) {
-      launch_kernel(finalize_ext_kernel<TIn, TOut, VEC, decltype(rows_in_flight)::value, kBias,
-                                        l1_allocate()>,
-                    l.grid, l.block, device, p, l.split);
+      constexpr int G = decltype(rows_in_flight)::value;
+      constexpr bool kL1 = decltype(l1_allocate)::value;
+      with_register_bound<G, kBias, kL1>(p.num_tokens, [&](auto min_blocks) {
+        with_slot_format<(VEC > 1 && !kBias)>(p, [&](auto common_slots) {
+          launch_kernel(finalize_ext_kernel<TIn, TOut, VEC, G, kBias, kL1, common_slots(),
+                                            min_blocks()>,
+                        l.grid, l.block, device, p, l.split);
+        });
+      });
     });
   });
 }
@@ -451,12 +479,20 @@ bool launch_fp8_out_vec(const FinalizeProblem& p, int device) {
                             aligned(p.input, p.input_row_stride, kVec, sizeof(TIn)) &&
                             aligned(p.out, p.out_row_stride, kVec, 1) && bias_aligned(p, kVec);
   if (!vectorizable) return false;
-  const RowLaunch l = row_launch(p.num_tokens, p.hidden, kVec, device_info(device).sm_count);
+  // Token-major order at every T: column-fastest measured 1-4% slower here at K=2/4 (H100).
+  const RowLaunch l = row_launch(p.num_tokens, p.hidden, kVec, device_info(device).sm_count,
+                                 false);
   with_input_rows_in_flight<TIn>(p, [&](auto rows_in_flight) {
     with_load_flavour<true>(p.num_tokens, [&](auto l1_allocate) {
-      launch_kernel(finalize_fp8_out_vec_kernel<TIn, kVec, decltype(rows_in_flight)::value,
-                                                kBias, l1_allocate()>,
-                    l.grid, l.block, device, p, l.split);
+      constexpr int G = decltype(rows_in_flight)::value;
+      constexpr bool kL1 = decltype(l1_allocate)::value;
+      with_register_bound<G, kBias, kL1>(p.num_tokens, [&](auto min_blocks) {
+        with_slot_format<!kBias>(p, [&](auto common_slots) {
+          launch_kernel(finalize_fp8_out_vec_kernel<TIn, kVec, G, kBias, kL1, common_slots(),
+                                                    min_blocks()>,
+                        l.grid, l.block, device, p, l.split);
+        });
+      });
     });
   });
   return true;

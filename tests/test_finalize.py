@@ -24,6 +24,7 @@ SHAPES = [
     (33, 8, 7168),
     (17, 4, 2880),
     (1030, 2, 264),  # CUDA: the L1-allocating launch from T=1024
+    (4100, 3, 2056),  # CUDA: the streaming launch from T=4096 (1-D grid of 3 or 5 column blocks)
 ]
 
 
@@ -110,11 +111,13 @@ def test_zero_tokens_returns_empty(device):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_batch_invariance_bitwise(device, dtype):
     """A token's row is bitwise identical whatever T, chunking and launch shape (on CUDA the
-    load flavour changes at T=1024, the arithmetic must not)."""
-    num_tokens, top_k, hidden = 1100, 8, 4104  # H % 8 != 0: vector body + scalar tail
+    load flavour changes at T=1024, block order and rows in flight at T=4096; the arithmetic
+    must not)."""
+    num_tokens, top_k, hidden = 4100, 8, 4104  # H % 8 != 0: vector body + scalar tail
     case = make_case(device, dtype, num_tokens, top_k, hidden, residual=True, scale=1.7)
     full = mf.finalize(case.input, case.row_map, case.weights, **case.kwargs())
-    for start, stop in [(0, 1), (5, 6), (17, 19), (100, 228), (299, 300), (1099, 1100)]:
+    for start, stop in [(0, 1), (5, 6), (17, 19), (100, 228), (299, 300), (1099, 1100),
+                        (0, 1024), (4099, 4100)]:
         part = mf.finalize(case.input, case.row_map[start:stop], case.weights[start:stop],
                            residual=case.residual[start:stop], scale=1.7)
         assert torch.equal(part, full[start:stop]), f"tokens {start}:{stop} differ"

@@ -45,6 +45,7 @@ if __name__ == "__main__":
             (40, 2, 130, 264, torch.float32, None),   # K > 64: several 32-slot warp chunks
             (1, 1, 1, 1, torch.bfloat16, None),
             (64, 1030, 2, 264, torch.bfloat16, None),  # T >= 1024: L1-allocating loads
+            (64, 4100, 8, 264, torch.bfloat16, None),  # T >= 4096: streaming (1-D grid)
         ]:
             run_case(rows, tokens, k, hidden, dtype, fill, stride)
     print("hostile maps: all cases match the reference")
