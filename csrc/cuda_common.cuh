@@ -45,6 +45,15 @@ struct alignas(sizeof(T) * W) Pack {
   T v[W];
 };
 
+// One predicated load of 4 or 2 32-bit words, zero where !valid; INSTR is the load without its
+// vector suffix. (An asm template must be a string literal, hence macros.)
+#define MOE_FINALIZE_LOAD_V4(INSTR)                                                      \
+  "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %5, 0;\n\tmov.b32 %0, 0;\n\tmov.b32 %1, 0;\n\t" \
+  "mov.b32 %2, 0;\n\tmov.b32 %3, 0;\n\t@p " INSTR ".v4.u32 {%0, %1, %2, %3}, [%4];\n\t}"
+#define MOE_FINALIZE_LOAD_V2(INSTR)                                                      \
+  "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %3, 0;\n\tmov.b32 %0, 0;\n\tmov.b32 %1, 0;\n\t" \
+  "@p " INSTR ".v2.u32 {%0, %1}, [%2];\n\t}"
+
 // Source rows are read exactly once. Where !valid nothing is read and the pack is zero. One
 // predicated instruction, no branch: with a branch per row the compiler consumed each row
 // inside its branch, which serialised the loads of a batch (measured 1.8x slower on H100).
@@ -55,22 +64,28 @@ struct alignas(sizeof(T) * W) Pack {
 template <typename T, int W, bool kL1Allocate>
 __device__ __forceinline__ Pack<T, W> load_stream(const T* ptr, bool valid) {
   Pack<T, W> out;
+  const int pred = static_cast<int>(valid);
   if constexpr (sizeof(Pack<T, W>) == 16) {
     uint4 raw;
     if constexpr (kL1Allocate) {
-      asm volatile(
-          "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %5, 0;\n\t"
-          "mov.b32 %0, 0;\n\tmov.b32 %1, 0;\n\tmov.b32 %2, 0;\n\tmov.b32 %3, 0;\n\t"
-          "@p ld.global.v4.u32 {%0, %1, %2, %3}, [%4];\n\t}"
-          : "=r"(raw.x), "=r"(raw.y), "=r"(raw.z), "=r"(raw.w)
-          : "l"(ptr), "r"(static_cast<int>(valid)));
+      asm volatile(MOE_FINALIZE_LOAD_V4("ld.global")
+                   : "=r"(raw.x), "=r"(raw.y), "=r"(raw.z), "=r"(raw.w)
+                   : "l"(ptr), "r"(pred));
     } else {
-      asm volatile(
-          "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %5, 0;\n\t"
-          "mov.b32 %0, 0;\n\tmov.b32 %1, 0;\n\tmov.b32 %2, 0;\n\tmov.b32 %3, 0;\n\t"
-          "@p ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n\t}"
-          : "=r"(raw.x), "=r"(raw.y), "=r"(raw.z), "=r"(raw.w)
-          : "l"(ptr), "r"(static_cast<int>(valid)));
+      asm volatile(MOE_FINALIZE_LOAD_V4("ld.global.nc.L1::no_allocate")
+                   : "=r"(raw.x), "=r"(raw.y), "=r"(raw.z), "=r"(raw.w)
+                   : "l"(ptr), "r"(pred));
+    }
+    memcpy(&out, &raw, sizeof raw);
+  } else if constexpr (sizeof(Pack<T, W>) == 8) {  // FP8 decode vectors, 4-element tails
+    uint2 raw;
+    if constexpr (kL1Allocate) {
+      asm volatile(MOE_FINALIZE_LOAD_V2("ld.global") : "=r"(raw.x), "=r"(raw.y)
+                   : "l"(ptr), "r"(pred));
+    } else {
+      asm volatile(MOE_FINALIZE_LOAD_V2("ld.global.nc.L1::no_allocate")
+                   : "=r"(raw.x), "=r"(raw.y)
+                   : "l"(ptr), "r"(pred));
     }
     memcpy(&out, &raw, sizeof raw);
   } else {

@@ -228,19 +228,19 @@ __device__ __forceinline__ void store(const FinalizeProblem& p, int64_t t, int64
 // Blocks per SM the registers of a G-row kernel are bounded for, measured on H100: G=8 at most
 // 80 registers, 6 blocks (more bytes in flight than 4 blocks of the unbounded 102-register
 // build); G<=4 at most 64, 8 blocks, or when streaming (T >= kStreamMinTokens) 56, 9 blocks:
-// FP8 1-4% faster there, 5-7% slower at T=512. 48 registers spilled and lost everywhere. With
-// bias, unbounded.
-constexpr int min_blocks_per_sm(int rows_in_flight, bool bias, bool stream) {
-  return bias ? 1 : rows_in_flight == 8 ? 6 : (rows_in_flight == 4 && stream) ? 9 : 8;
+// FP8 1-4% faster there, 5-7% slower at T=512. 48 registers spilled and lost everywhere.
+// Unbounded (1): bias kernels, and narrow ones (decode only: few blocks, no spills).
+constexpr int min_blocks_per_sm(int rows_in_flight, bool bounded, bool stream) {
+  return !bounded ? 1 : rows_in_flight == 8 ? 6 : (rows_in_flight == 4 && stream) ? 9 : 8;
 }
 
 // Calls launch(std::integral_constant<int, blocks>{}) with min_blocks_per_sm for this launch;
 // a separate streaming instantiation only where its bound differs.
-template <int G, bool kBias, bool kL1Allocate, typename Launch>
+template <int G, bool kBounded, bool kL1Allocate, typename Launch>
 void with_register_bound(int64_t num_tokens, Launch&& launch) {
   static_assert(kStreamMinTokens >= kL1AllocateMinTokens, "streaming launches read through L1");
-  constexpr int kDefault = min_blocks_per_sm(G, kBias, false);
-  constexpr int kStream = min_blocks_per_sm(G, kBias, true);
+  constexpr int kDefault = min_blocks_per_sm(G, kBounded, false);
+  constexpr int kStream = min_blocks_per_sm(G, kBounded, true);
   if constexpr (kStream != kDefault && kL1Allocate) {
     if (num_tokens >= kStreamMinTokens) {
       launch(std::integral_constant<int, kStream>{});
@@ -406,6 +406,20 @@ bool bias_aligned(const FinalizeProblem& p, int vec) {
 // dependency chain shortest at decode).
 constexpr int64_t kFp8HalfBatchMinTokens = 256;
 
+// FP8 input below this many tokens is read in 8-byte vectors (kFp8NarrowVec e4m3 per thread:
+// twice the threads, half the registers and code per thread). Measured on H100: T=16 8% faster
+// (FP8 output 20%), T=1 2% (FP8 output 16%); T=128 1.5% slower, T >= 4096 7-20% slower (the
+// switch point between T=16 and T=128 is not measured finer).
+constexpr int64_t kFp8NarrowMaxTokens = 64;
+constexpr int kFp8NarrowVec = 8;
+
+// Whether a VEC-element TIn kernel moves whole 16-byte vectors: only those choose a load
+// flavour by T (with_load_flavour); narrow and scalar kernels keep the non-allocating one.
+template <typename TIn, int VEC>
+constexpr bool full_vector() {
+  return VEC * sizeof(TIn) == 16;
+}
+
 template <typename TIn, typename Launch>
 void with_input_rows_in_flight(const FinalizeProblem& p, Launch&& launch) {
   if (std::is_same_v<TIn, __nv_fp8_e4m3> && p.num_tokens >= kFp8HalfBatchMinTokens) {
@@ -420,10 +434,11 @@ void launch_ext_typed(const FinalizeProblem& p, int device) {
   const RowLaunch l = row_launch(p.num_tokens, p.hidden, VEC, device_info(device).sm_count,
                                  p.num_tokens >= kStreamMinTokens);
   with_input_rows_in_flight<TIn>(p, [&](auto rows_in_flight) {
-    with_load_flavour<(VEC > 1)>(p.num_tokens, [&](auto l1_allocate) {
+    with_load_flavour<full_vector<TIn, VEC>()>(p.num_tokens, [&](auto l1_allocate) {
       constexpr int G = decltype(rows_in_flight)::value;
       constexpr bool kL1 = decltype(l1_allocate)::value;
-      with_register_bound<G, kBias, kL1>(p.num_tokens, [&](auto min_blocks) {
+      constexpr bool kBounded = !kBias && (VEC == 1 || full_vector<TIn, VEC>());
+      with_register_bound<G, kBounded, kL1>(p.num_tokens, [&](auto min_blocks) {
         with_slot_format<(VEC > 1 && !kBias)>(p, [&](auto common_slots) {
           launch_kernel(finalize_ext_kernel<TIn, TOut, VEC, G, kBias, kL1, common_slots(),
                                             min_blocks()>,
@@ -443,18 +458,28 @@ void launch_ext_vec(const FinalizeProblem& p, int device) {
   }
 }
 
-template <typename TIn, typename TOut>
-void launch_ext_for_dtypes(const FinalizeProblem& p, int device) {
-  constexpr int kVec = 16 / sizeof(TIn);  // 16 e4m3 elements per 16-byte load
-  constexpr int kOutVec = std::min<int>(kVec, 16 / sizeof(TOut));
-  const bool vectorizable = aligned(p.input, p.input_row_stride, kVec, sizeof(TIn)) &&
+// The VEC-element vector kernel where rows, out, residual and bias allow it; true if launched.
+template <typename TIn, typename TOut, int VEC>
+bool launch_ext_vectorized(const FinalizeProblem& p, int device) {
+  constexpr int kOutVec = std::min<int>(VEC, 16 / sizeof(TOut));
+  const bool vectorizable = aligned(p.input, p.input_row_stride, VEC, sizeof(TIn)) &&
                             aligned(p.out, p.out_row_stride, kOutVec, sizeof(TOut)) &&
                             (p.residual == nullptr ||
                              aligned(p.residual, p.residual_row_stride, kOutVec, sizeof(TOut))) &&
-                            bias_aligned(p, kVec);
-  if (vectorizable) {
-    launch_ext_vec<TIn, TOut, kVec>(p, device);
-  } else {
+                            bias_aligned(p, VEC);
+  if (vectorizable) launch_ext_vec<TIn, TOut, VEC>(p, device);
+  return vectorizable;
+}
+
+template <typename TIn, typename TOut>
+void launch_ext_for_dtypes(const FinalizeProblem& p, int device) {
+  if constexpr (std::is_same_v<TIn, __nv_fp8_e4m3>) {
+    if (p.num_tokens < kFp8NarrowMaxTokens &&
+        launch_ext_vectorized<TIn, TOut, kFp8NarrowVec>(p, device)) {
+      return;
+    }
+  }
+  if (!launch_ext_vectorized<TIn, TOut, 16 / sizeof(TIn)>(p, device)) {
     launch_ext_vec<TIn, TOut, 1>(p, device);
   }
 }
@@ -472,9 +497,8 @@ void launch_fp8_out_bias(const FinalizeProblem& p, int device, dim3 grid, int64_
 }
 
 // The vector kernel where its conditions hold (see finalize_fp8_out_vec_kernel), true if launched.
-template <typename TIn, bool kBias>
+template <typename TIn, int kVec, bool kBias>
 bool launch_fp8_out_vec(const FinalizeProblem& p, int device) {
-  constexpr int kVec = 16 / sizeof(TIn);
   const bool vectorizable = p.hidden % kVec == 0 &&
                             aligned(p.input, p.input_row_stride, kVec, sizeof(TIn)) &&
                             aligned(p.out, p.out_row_stride, kVec, 1) && bias_aligned(p, kVec);
@@ -483,10 +507,11 @@ bool launch_fp8_out_vec(const FinalizeProblem& p, int device) {
   const RowLaunch l = row_launch(p.num_tokens, p.hidden, kVec, device_info(device).sm_count,
                                  false);
   with_input_rows_in_flight<TIn>(p, [&](auto rows_in_flight) {
-    with_load_flavour<true>(p.num_tokens, [&](auto l1_allocate) {
+    with_load_flavour<full_vector<TIn, kVec>()>(p.num_tokens, [&](auto l1_allocate) {
       constexpr int G = decltype(rows_in_flight)::value;
       constexpr bool kL1 = decltype(l1_allocate)::value;
-      with_register_bound<G, kBias, kL1>(p.num_tokens, [&](auto min_blocks) {
+      constexpr bool kBounded = !kBias && full_vector<TIn, kVec>();  // kVec > 1 here
+      with_register_bound<G, kBounded, kL1>(p.num_tokens, [&](auto min_blocks) {
         with_slot_format<!kBias>(p, [&](auto common_slots) {
           launch_kernel(finalize_fp8_out_vec_kernel<TIn, kVec, G, kBias, kL1, common_slots(),
                                                     min_blocks()>,
@@ -500,10 +525,17 @@ bool launch_fp8_out_vec(const FinalizeProblem& p, int device) {
 
 template <typename TIn>
 void launch_fp8_out_typed(const FinalizeProblem& p, int device) {
-  if (p.bias != nullptr ? launch_fp8_out_vec<TIn, true>(p, device)
-                        : launch_fp8_out_vec<TIn, false>(p, device)) {
-    return;
+  auto vector_kernel = [&](auto vec) {
+    return p.bias != nullptr ? launch_fp8_out_vec<TIn, vec(), true>(p, device)
+                             : launch_fp8_out_vec<TIn, vec(), false>(p, device);
+  };
+  if constexpr (std::is_same_v<TIn, __nv_fp8_e4m3>) {
+    if (p.num_tokens < kFp8NarrowMaxTokens &&
+        vector_kernel(std::integral_constant<int, kFp8NarrowVec>{})) {
+      return;
+    }
   }
+  if (vector_kernel(std::integral_constant<int, 16 / sizeof(TIn)>{})) return;
   const int64_t num_blocks = (p.hidden + kScaleBlock - 1) / kScaleBlock;
   const int64_t grid_y = (num_blocks + kWarpsPerBlock - 1) / kWarpsPerBlock;
   STD_TORCH_CHECK(grid_y <= 65535, "finalize: hidden size ", p.hidden, " is too large");
