@@ -19,9 +19,8 @@ void launch_finalize_ext_cuda(const FinalizeProblem& problem, int device_index);
 void launch_finalize_fp8_out_cuda(const FinalizeProblem& problem, int device_index);
 
 // Backward (problem.residual holds grad_out). grad_input into problem.out, using `count` (P
-// zeroed int32) and `owner` (P int64) as scratch; grad_weights as fp32 [T, K] contiguous.
-void launch_grad_input_cuda(const FinalizeProblem& problem, int32_t* count, int64_t* owner,
-                            int device_index);
+// zeroed int32) as scratch; grad_weights as fp32 [T, K] contiguous.
+void launch_grad_input_cuda(const FinalizeProblem& problem, int32_t* count, int device_index);
 void launch_grad_weights_cuda(const FinalizeProblem& problem, float* grad_weights,
                               int device_index);
 #endif

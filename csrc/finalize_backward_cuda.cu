@@ -1,10 +1,13 @@
 // CUDA backward of finalize, deterministic and without floating-point atomics.
 //
-// grad_input: a counting pass records, for every input row, how many valid slots point at it
-// and one such slot; a row-parallel pass then writes each row once: zeros (no slot),
-// scale * w * grad_out[t] (one slot, the MoE case: the map is a permutation), or, for rows that
-// several slots share, the fp32 sum over those slots in (t, k) order (found by scanning the map:
-// slow, but duplicates are rare and the result stays bitwise reproducible).
+// grad_input: a counting pass records, for every input row, how many valid slots point at it.
+// A token-parallel pass then reads each grad_out[t] once and writes scale * w * grad_out[t] to
+// every row only its slot (t, k) points at (the MoE case: the map is a permutation). A
+// row-parallel pass writes the other rows: zeros (no slot) or, for rows that several slots
+// share, the fp32 sum over those slots in (t, k) order (found by scanning the map: slow, but
+// duplicates are rare and the result stays bitwise reproducible). Reading grad_out row-major
+// instead (one pass over rows) re-read each grad_out row K times from DRAM: 55% of the copy
+// floor at K=8 on H100 (benchmarks/bench_backward.py).
 // grad_weights: one warp per slot, a dot product of grad_out[t] and input[row] reduced in a fixed
 // shuffle tree.
 #include <torch/csrc/stable/macros.h>
@@ -20,8 +23,9 @@ namespace {
 
 constexpr int kRowThreads = 128;
 constexpr int kWarpsPerBlock = 8;
+constexpr int kMaxSlotsPerBatch = 8;  // grad_input_tokens: slots shuffled to the warp at a time
 
-__global__ void count_row_slots(const FinalizeProblem p, int32_t* count, int64_t* owner) {
+__global__ void count_row_slots(const FinalizeProblem p, int32_t* count) {
   wait_for_upstream();
   let_downstream_launch();
   const int64_t slot = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -29,13 +33,12 @@ __global__ void count_row_slots(const FinalizeProblem p, int32_t* count, int64_t
   const int64_t row = load_row(p, slot / p.top_k, slot % p.top_k);
   if (row < 0 || row >= p.num_rows) return;
   atomicAdd(count + row, 1);
-  owner[row] = slot;  // exact whenever count ends at 1, the only case that reads it
 }
 
 // grad_input[row, col..col+W) for one row; `p.residual` holds grad_out, `p.out` grad_input.
 template <typename T, int W>
 __device__ __forceinline__ void grad_row_cols(const FinalizeProblem& p, int64_t row, int64_t col,
-                                              int32_t count, int64_t owner) {
+                                              int32_t count) {
   const T* grad_out = static_cast<const T*>(p.residual);
   float acc[W];
 #pragma unroll
@@ -48,9 +51,7 @@ __device__ __forceinline__ void grad_row_cols(const FinalizeProblem& p, int64_t 
 #pragma unroll
     for (int e = 0; e < W; ++e) acc[e] = fmaf(w, Elem<T>::load(g.v[e]), acc[e]);
   };
-  if (count == 1) {
-    add_slot(owner);
-  } else if (count > 1) {
+  if (count > 1) {
     for (int64_t slot = 0; slot < p.num_tokens * p.top_k; ++slot) {
       if (load_row(p, slot / p.top_k, slot % p.top_k) == row) add_slot(slot);
     }
@@ -61,21 +62,88 @@ __device__ __forceinline__ void grad_row_cols(const FinalizeProblem& p, int64_t 
   *reinterpret_cast<Pack<T, W>*>(static_cast<T*>(p.out) + row * p.out_row_stride + col) = result;
 }
 
+// Rows that no slot or several slots point at (count != 1); the rest are grad_input_tokens'.
+// A grid-stride loop over rows: most rows are skipped, so few blocks do.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kRowThreads)
-    grad_input_rows(const FinalizeProblem p, const int32_t* count, const int64_t* owner) {
+    grad_input_rows(const FinalizeProblem p, const int32_t* count) {
   wait_for_upstream();
   let_downstream_launch();
-  const int64_t row = blockIdx.x;
   const int64_t unit = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   const int64_t body = p.hidden / VEC;
-  const int32_t c = count[row];
-  const int64_t o = c == 1 ? owner[row] : -1;
-  if (unit < body) {
-    grad_row_cols<T, VEC>(p, row, unit * VEC, c, o);
-  } else if (unit < body + p.hidden % VEC) {
-    grad_row_cols<T, 1>(p, row, body * VEC + (unit - body), c, o);
+  for (int64_t row = blockIdx.x; row < p.num_rows; row += gridDim.x) {
+    const int32_t c = count[row];
+    if (c == 1) continue;
+    if (unit < body) {
+      grad_row_cols<T, VEC>(p, row, unit * VEC, c);
+    } else if (unit < body + p.hidden % VEC) {
+      grad_row_cols<T, 1>(p, row, body * VEC + (unit - body), c);
+    }
   }
+}
+
+// Slot (t, k) as grad_input_tokens needs it: its row where that row is the slot's alone
+// (count 1), else -1, and scale * w.
+struct OwnedSlot {
+  int64_t row = -1;
+  float w = 0.0f;
+  __device__ __forceinline__ OwnedSlot from_lane(int src) const {
+    return {__shfl_sync(0xffffffffu, row, src), __shfl_sync(0xffffffffu, w, src)};
+  }
+};
+
+__device__ __forceinline__ OwnedSlot read_owned_slot(const FinalizeProblem& p, int64_t t,
+                                                     int64_t k, const int32_t* count) {
+  const int64_t row = load_row(p, t, k);
+  const float w = p.scale * load_weight(p, t, k);
+  const bool owned = row >= 0 && row < p.num_rows && count[row] == 1;
+  return {owned ? row : -1, w};
+}
+
+// grad_input[row, col..col+W) = scale * w[t, k] * grad_out[t, col..col+W) for every slot (t, k)
+// that owns its row; grad_out[t] is read once for all K slots. The warp reads the slots
+// together (for_each_slot_batch), so the map and count loads are one round trip each.
+template <typename T, int W>
+__device__ __forceinline__ void write_owned_rows(const FinalizeProblem& p, const Pack<T, W>& g,
+                                                 int64_t col, const OwnedSlot* slots, int n) {
+  for (int u = 0; u < n; ++u) {
+    if (slots[u].row < 0) continue;
+    Pack<T, W> result;
+#pragma unroll
+    for (int e = 0; e < W; ++e) {
+      result.v[e] = Elem<T>::store(fmaf(slots[u].w, Elem<T>::load(g.v[e]), 0.0f));
+    }
+    *reinterpret_cast<Pack<T, W>*>(static_cast<T*>(p.out) + slots[u].row * p.out_row_stride +
+                                   col) = result;
+  }
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kRowThreads)
+    grad_input_tokens(const FinalizeProblem p, const int32_t* count) {
+  wait_for_upstream();
+  let_downstream_launch();
+  const int64_t t = blockIdx.x;
+  const int64_t unit = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  const int64_t body = p.hidden / VEC;
+  const bool is_vector = unit < body;
+  const bool is_tail = !is_vector && unit < body + p.hidden % VEC;
+  const int64_t col = is_vector ? unit * VEC : body * VEC + (unit - body);
+  const T* grad_row = static_cast<const T*>(p.residual) + t * p.residual_row_stride + col;
+  Pack<T, VEC> g{};
+  Pack<T, 1> g1{};
+  if (is_vector) g = *reinterpret_cast<const Pack<T, VEC>*>(grad_row);
+  if (is_tail) g1.v[0] = *grad_row;
+  // Every lane takes part in the slot reads (warp shuffles); only column owners write.
+  for_each_slot_batch<kMaxSlotsPerBatch, OwnedSlot>(
+      p.top_k, [&](int64_t k) { return read_owned_slot(p, t, k, count); },
+      [&](const OwnedSlot* slots, int n) {
+        if (is_vector) {
+          write_owned_rows<T, VEC>(p, g, col, slots, n);
+        } else if (is_tail) {
+          write_owned_rows<T, 1>(p, g1, col, slots, n);
+        }
+      });
 }
 
 template <typename T, int W>
@@ -119,24 +187,32 @@ bool aligned_rows(const void* ptr, int64_t row_stride, int vec, size_t elem_size
 }
 
 template <typename T>
-void launch_grad_input(const FinalizeProblem& p, int32_t* count, int64_t* owner, int device) {
+void launch_grad_input(const FinalizeProblem& p, int32_t* count, int device) {
   constexpr int kVec = 16 / sizeof(T);
   const int64_t slots = p.num_tokens * p.top_k;
   if (slots > 0) {
     launch_kernel(count_row_slots, dim3(static_cast<unsigned>((slots + 255) / 256)), dim3(256),
-                  device, p, count, owner);
+                  device, p, count);
   }
   const bool vec = aligned_rows(p.out, p.out_row_stride, kVec, sizeof(T)) &&
                    aligned_rows(p.residual, p.residual_row_stride, kVec, sizeof(T));
   const int64_t units = vec ? p.hidden / kVec + p.hidden % kVec : p.hidden;
-  const dim3 grid(static_cast<unsigned>(p.num_rows),
-                  static_cast<unsigned>((units + kRowThreads - 1) / kRowThreads));
+  const unsigned col_blocks = static_cast<unsigned>((units + kRowThreads - 1) / kRowThreads);
+  // Enough blocks to fill the card for the few rows grad_input_rows writes.
+  const int64_t row_blocks = std::min<int64_t>(p.num_rows, 16LL * device_info(device).sm_count);
+  const dim3 token_grid(static_cast<unsigned>(p.num_tokens), col_blocks);
+  const dim3 row_grid(static_cast<unsigned>(row_blocks), col_blocks);
+  const int32_t* counts = count;
   if (vec) {
-    launch_kernel(grad_input_rows<T, kVec>, grid, dim3(kRowThreads), device, p,
-                  static_cast<const int32_t*>(count), static_cast<const int64_t*>(owner));
+    if (p.num_tokens > 0) {
+      launch_kernel(grad_input_tokens<T, kVec>, token_grid, dim3(kRowThreads), device, p, counts);
+    }
+    launch_kernel(grad_input_rows<T, kVec>, row_grid, dim3(kRowThreads), device, p, counts);
   } else {
-    launch_kernel(grad_input_rows<T, 1>, grid, dim3(kRowThreads), device, p,
-                  static_cast<const int32_t*>(count), static_cast<const int64_t*>(owner));
+    if (p.num_tokens > 0) {
+      launch_kernel(grad_input_tokens<T, 1>, token_grid, dim3(kRowThreads), device, p, counts);
+    }
+    launch_kernel(grad_input_rows<T, 1>, row_grid, dim3(kRowThreads), device, p, counts);
   }
 }
 
@@ -157,14 +233,13 @@ void launch_grad_weights(const FinalizeProblem& p, float* grad_weights, int devi
 
 }  // namespace
 
-void launch_grad_input_cuda(const FinalizeProblem& p, int32_t* count, int64_t* owner,
-                            int device_index) {
+void launch_grad_input_cuda(const FinalizeProblem& p, int32_t* count, int device_index) {
   DeviceScope scope(device_index);
   STD_TORCH_CHECK(p.num_rows <= 0x7fffffffLL, "finalize backward: too many input rows");
   switch (p.input_dtype) {
-    case ScalarType::BFloat16: launch_grad_input<__nv_bfloat16>(p, count, owner, device_index); break;
-    case ScalarType::Half: launch_grad_input<__half>(p, count, owner, device_index); break;
-    default: launch_grad_input<float>(p, count, owner, device_index); break;
+    case ScalarType::BFloat16: launch_grad_input<__nv_bfloat16>(p, count, device_index); break;
+    case ScalarType::Half: launch_grad_input<__half>(p, count, device_index); break;
+    default: launch_grad_input<float>(p, count, device_index); break;
   }
 }
 

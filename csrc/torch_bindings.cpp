@@ -123,9 +123,7 @@ Tensor finalize_grad_input(Tensor grad_out, Tensor input, std::optional<Tensor> 
   bind_output(p, grad_input);
   if (p.num_rows == 0 || p.hidden == 0) return grad_input;
   Tensor count = torch::stable::new_zeros(input, {p.num_rows}, ScalarType::Int);
-  Tensor owner = torch::stable::new_empty(input, {p.num_rows}, ScalarType::Long);
-  launch_grad_input_cuda(p, static_cast<int32_t*>(count.data_ptr()),
-                         static_cast<int64_t*>(owner.data_ptr()), input.get_device_index());
+  launch_grad_input_cuda(p, static_cast<int32_t*>(count.data_ptr()), input.get_device_index());
   return grad_input;
 }
 

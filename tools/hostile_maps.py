@@ -1,5 +1,6 @@
 """Hostile row maps for compute-sanitizer (memcheck / racecheck): values >= P, huge values,
-all -1, duplicates, tiny and odd shapes, every path (vector, scalar tail, scalar-only, K > 64).
+all -1, duplicates, tiny and odd shapes, every path (vector, scalar tail, scalar-only, K > 64),
+forward and the CUDA backward kernels.
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python tools/hostile_maps.py
 Exits non-zero if a result differs from the reference (out-of-range slots count as skipped).
@@ -25,6 +26,18 @@ def run_case(num_rows, num_tokens, top_k, hidden, dtype, fill, row_stride=None):
     ref = reference.finalize(input, clean, weights, residual=residual, scale=1.5)
     torch.cuda.synchronize()
     torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=2e-2)
+    # The CUDA backward kernels on the same map: never a row outside input, skipped slots get
+    # zero weight gradients, rows no valid slot points at get zeros.
+    grad_out = torch.randn(num_tokens, hidden, device="cuda").to(dtype)
+    ops = torch.ops.moe_finalize
+    grad_input = ops.finalize_grad_input(grad_out, input, row_map, weights, scale=1.5)
+    grad_weights = ops.finalize_grad_weights(grad_out, input, row_map, weights, scale=1.5)
+    x = input.detach().float().requires_grad_()
+    w = weights.clone().requires_grad_()
+    reference.finalize(x, clean, w, scale=1.5).backward(grad_out.float())
+    torch.cuda.synchronize()
+    torch.testing.assert_close(grad_input.float(), x.grad, atol=3e-2, rtol=2e-2)
+    torch.testing.assert_close(grad_weights, w.grad, atol=5e-1, rtol=5e-2)
 
 
 FILLS = {
