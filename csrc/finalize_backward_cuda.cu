@@ -203,16 +203,17 @@ void launch_grad_input(const FinalizeProblem& p, int32_t* count, int device) {
   const dim3 token_grid(static_cast<unsigned>(p.num_tokens), col_blocks);
   const dim3 row_grid(static_cast<unsigned>(row_blocks), col_blocks);
   const int32_t* counts = count;
+  auto launch = [&](auto vec_elems) {
+    constexpr int kW = decltype(vec_elems)::value;
+    if (p.num_tokens > 0) {
+      launch_kernel(grad_input_tokens<T, kW>, token_grid, dim3(kRowThreads), device, p, counts);
+    }
+    launch_kernel(grad_input_rows<T, kW>, row_grid, dim3(kRowThreads), device, p, counts);
+  };
   if (vec) {
-    if (p.num_tokens > 0) {
-      launch_kernel(grad_input_tokens<T, kVec>, token_grid, dim3(kRowThreads), device, p, counts);
-    }
-    launch_kernel(grad_input_rows<T, kVec>, row_grid, dim3(kRowThreads), device, p, counts);
+    launch(std::integral_constant<int, kVec>{});
   } else {
-    if (p.num_tokens > 0) {
-      launch_kernel(grad_input_tokens<T, 1>, token_grid, dim3(kRowThreads), device, p, counts);
-    }
-    launch_kernel(grad_input_rows<T, 1>, row_grid, dim3(kRowThreads), device, p, counts);
+    launch(std::integral_constant<int, 1>{});
   }
 }
 

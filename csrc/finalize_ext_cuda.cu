@@ -429,10 +429,11 @@ void with_input_rows_in_flight(const FinalizeProblem& p, Launch&& launch) {
   }
 }
 
-template <typename TIn, typename TOut, int VEC, bool kBias>
-void launch_ext_typed(const FinalizeProblem& p, int device) {
-  const RowLaunch l = row_launch(p.num_tokens, p.hidden, VEC, device_info(device).sm_count,
-                                 p.num_tokens >= kStreamMinTokens);
+// The per-launch choices of a VEC-element kernel of this file: calls
+// launch(rows_in_flight, l1_allocate, common_slots, min_blocks), each a std::integral_constant
+// (with_input_rows_in_flight, with_load_flavour, with_slot_format, with_register_bound).
+template <typename TIn, int VEC, bool kBias, typename Launch>
+void with_launch_choices(const FinalizeProblem& p, Launch&& launch) {
   with_input_rows_in_flight<TIn>(p, [&](auto rows_in_flight) {
     with_load_flavour<full_vector<TIn, VEC>()>(p.num_tokens, [&](auto l1_allocate) {
       constexpr int G = decltype(rows_in_flight)::value;
@@ -440,12 +441,20 @@ void launch_ext_typed(const FinalizeProblem& p, int device) {
       constexpr bool kBounded = !kBias && (VEC == 1 || full_vector<TIn, VEC>());
       with_register_bound<G, kBounded, kL1>(p.num_tokens, [&](auto min_blocks) {
         with_slot_format<(VEC > 1 && !kBias)>(p, [&](auto common_slots) {
-          launch_kernel(finalize_ext_kernel<TIn, TOut, VEC, G, kBias, kL1, common_slots(),
-                                            min_blocks()>,
-                        l.grid, l.block, device, p, l.split);
+          launch(rows_in_flight, l1_allocate, common_slots, min_blocks);
         });
       });
     });
+  });
+}
+
+template <typename TIn, typename TOut, int VEC, bool kBias>
+void launch_ext_typed(const FinalizeProblem& p, int device) {
+  const RowLaunch l = row_launch(p.num_tokens, p.hidden, VEC, device_info(device).sm_count,
+                                 p.num_tokens >= kStreamMinTokens);
+  with_launch_choices<TIn, VEC, kBias>(p, [&](auto g, auto l1, auto common_slots, auto blocks) {
+    launch_kernel(finalize_ext_kernel<TIn, TOut, VEC, g(), kBias, l1(), common_slots(), blocks()>,
+                  l.grid, l.block, device, p, l.split);
   });
 }
 
@@ -506,19 +515,10 @@ bool launch_fp8_out_vec(const FinalizeProblem& p, int device) {
   // Token-major order at every T: column-fastest measured 1-4% slower here at K=2/4 (H100).
   const RowLaunch l = row_launch(p.num_tokens, p.hidden, kVec, device_info(device).sm_count,
                                  false);
-  with_input_rows_in_flight<TIn>(p, [&](auto rows_in_flight) {
-    with_load_flavour<full_vector<TIn, kVec>()>(p.num_tokens, [&](auto l1_allocate) {
-      constexpr int G = decltype(rows_in_flight)::value;
-      constexpr bool kL1 = decltype(l1_allocate)::value;
-      constexpr bool kBounded = !kBias && full_vector<TIn, kVec>();  // kVec > 1 here
-      with_register_bound<G, kBounded, kL1>(p.num_tokens, [&](auto min_blocks) {
-        with_slot_format<!kBias>(p, [&](auto common_slots) {
-          launch_kernel(finalize_fp8_out_vec_kernel<TIn, kVec, G, kBias, kL1, common_slots(),
-                                                    min_blocks()>,
-                        l.grid, l.block, device, p, l.split);
-        });
-      });
-    });
+  with_launch_choices<TIn, kVec, kBias>(p, [&](auto g, auto l1, auto common_slots, auto blocks) {
+    launch_kernel(
+        finalize_fp8_out_vec_kernel<TIn, kVec, g(), kBias, l1(), common_slots(), blocks()>,
+        l.grid, l.block, device, p, l.split);
   });
   return true;
 }
