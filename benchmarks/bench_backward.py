@@ -9,7 +9,11 @@ rotated past 3x L2 and under CUDA-graph replay (bench_finalize.graph_time_us):
 * ``grad_weights`` -- ``torch.ops.moe_finalize.finalize_grad_weights`` (one warp per slot:
   ``scale * <grad_out[t], input[row]>``);
 * ``composite``    -- the same two gradients from PyTorch ops as the autograd of
-  ``reference.finalize`` composes them (gather, multiply, index_add / sum), for scale.
+  ``reference.finalize`` composes them (gather, multiply, index_add / sum), for scale;
+* ``triton_scatter`` -- grad_input from the plain Triton design (triton_peer.py), valid only
+  for a permutation map: it moves exactly grad_input's floor bytes and does nothing else;
+* ``write_rate``   -- ``fill_`` of a [P, H] tensor, grad_input's writes alone: its
+  "% floor" is the write rate against the copy rate (bytes = the tensor once).
 
 The floor counts every tensor once at the device-to-device copy rate measured in the same
 run: grad_input reads grad_out [T, H], the map and weights and writes [P, H];
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", action="append", default=None, help="T,K,H (repeatable)")
     p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--graph-windows", type=int, default=3)
+    p.add_argument("--impls", default=None, help="regex: time only the implementations it matches")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_backward: needs a CUDA device (the kernels under test are CUDA-only)")
@@ -115,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
                                                             s.weights, top_k=None, scale=1.0),
         "composite": composite,
     }
+    if bf.triton_peer.AVAILABLE:
+        impls["triton_scatter"] = lambda s: bf.triton_peer.scatter_grad_input(
+            s.grad_out, s.row_map, s.weights, s.input.shape[0])
+    impls["write_rate"] = lambda s: s.input.fill_(0.5)  # last: it overwrites the sets' input
+    if args.impls:
+        impls = {name: call for name, call in impls.items() if re.search(args.impls, name)}
     gen = torch.Generator(device=device).manual_seed(0)
     free = torch.cuda.mem_get_info(device)[0]
     records = []
@@ -126,10 +138,15 @@ def main(argv: list[str] | None = None) -> int:
         n = bf.rotation_sets(set_bytes, meta["l2_bytes"], 3.0, int(free * 0.2), 4096)
         sets = [first] + [make_set(T, K, H, device, gen) for _ in range(n - 1)]
         floors = floor_bytes(T, K, H)
+        if "triton_scatter" in impls and "grad_input" in impls:  # same values as ours on a permutation map
+            got = impls["triton_scatter"](first).float()
+            want = impls["grad_input"](first).float()
+            assert (got - want).abs().max() <= 1e-2 * want.abs().max(), "triton_scatter differs"
         for name, call in impls.items():
             us = bf.graph_time_us(bf.Impl(name, call), sets, device, cfg)
-            nbytes = floors["grad_input"] + floors["grad_weights"] if name == "composite" \
-                else floors[name]
+            nbytes = {"composite": floors["grad_input"] + floors["grad_weights"],
+                      "triton_scatter": floors["grad_input"],
+                      "write_rate": T * K * H * 2}.get(name) or floors[name]
             records.append({**meta, "impl": name, "T": T, "K": K, "H": H, "graph_us": us,
                             "floor_us": nbytes / copy_bw / 1e3, "bytes": nbytes,
                             "copy_bw_GBps": copy_bw, "rel_err": err, "n_sets": n})

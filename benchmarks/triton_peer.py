@@ -10,6 +10,11 @@ across cards (``ratio_to_triton``).
 ``finalize_fp8`` is the same kernel dequantising e4m3 rows on load with one fp32
 scale per 128-column block (``scales[P, ceil(H/128)]``, any strides), issue 7's layout.
 
+``scatter_grad_input`` is the backward's grad_input in the same plain design (one program per
+(token, 1024-column block) reads grad_out[t] once and stores K scaled rows), for a map that
+is a permutation: no zeros for rows nothing points at and no sums for shared rows, so it moves
+exactly the floor's bytes and bounds what a token-major scatter reaches (bench_backward.py).
+
 Runs on CUDA tensors; with ``TRITON_INTERPRET=1`` set before import it also runs on
 CPU tensors (slowly; the smoke test uses that to check it against the reference).
 """
@@ -26,7 +31,8 @@ except ImportError:  # CPU-only environments without Triton: the benchmark skips
     triton = None
     tl = None
 
-__all__ = ["AVAILABLE", "BLOCK_H", "NUM_WARPS", "FP8_SCALE_BLOCK", "finalize", "finalize_fp8"]
+__all__ = ["AVAILABLE", "BLOCK_H", "NUM_WARPS", "FP8_SCALE_BLOCK", "finalize", "finalize_fp8",
+           "scatter_grad_input"]
 
 AVAILABLE = triton is not None
 BLOCK_H = 1024  # columns per program (issue 3's peer)
@@ -77,6 +83,24 @@ if AVAILABLE:
             x = tl.load(inp_ptr + row * stride_in + cols, mask=m, other=0.0)
             acc += (x.to(tl.float32) * s) * tl.where(valid, w, 0.0)
         tl.store(out_ptr + t * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
+
+
+    @triton.jit
+    def _scatter_grad_input_kernel(
+        grad_ptr, map_ptr, w_ptr, out_ptr,
+        H,
+        stride_grad, stride_map_t, stride_map_k, stride_w_t, stride_w_k, stride_out,
+        K: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        t = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        cmask = cols < H
+        g = tl.load(grad_ptr + t * stride_grad + cols, mask=cmask, other=0.0).to(tl.float32)
+        for k in tl.static_range(K):
+            row = tl.load(map_ptr + t * stride_map_t + k * stride_map_k).to(tl.int64)
+            w = tl.load(w_ptr + t * stride_w_t + k * stride_w_k).to(tl.float32)
+            tl.store(out_ptr + row * stride_out + cols, (w * g).to(out_ptr.dtype.element_ty),
+                     mask=cmask & (row >= 0))
 
 
 def _require() -> None:
@@ -137,5 +161,26 @@ def finalize_fp8(
         input.stride(0), scales.stride(0), scales.stride(1),
         row_map.stride(0), row_map.stride(1), weights.stride(0), weights.stride(1), out.stride(0),
         K=k, BLOCK=BLOCK_H, SCALE_BLOCK=FP8_SCALE_BLOCK, num_warps=NUM_WARPS,
+    )
+    return out
+
+
+def scatter_grad_input(grad_out: Tensor, row_map: Tensor, weights: Tensor, num_rows: int,
+                       out: Tensor | None = None) -> Tensor:
+    """out[row_map[t, k]] = weights[t, k] * grad_out[t] for a permutation ``row_map``
+    (rows nothing points at are left as they were; shared rows are not summed)."""
+    _require()
+    num_tokens, k = row_map.shape
+    hidden = grad_out.shape[1]
+    if out is None:
+        out = torch.empty((num_rows, hidden), dtype=grad_out.dtype, device=grad_out.device)
+    if num_tokens == 0:
+        return out
+    _scatter_grad_input_kernel[(num_tokens, triton.cdiv(hidden, BLOCK_H))](
+        grad_out, row_map, weights, out,
+        hidden,
+        grad_out.stride(0), row_map.stride(0), row_map.stride(1),
+        weights.stride(0), weights.stride(1), out.stride(0),
+        K=k, BLOCK=BLOCK_H, num_warps=NUM_WARPS,
     )
     return out

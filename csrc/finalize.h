@@ -18,8 +18,10 @@ void launch_finalize_cuda(const FinalizeProblem& problem, int device_index);
 void launch_finalize_ext_cuda(const FinalizeProblem& problem, int device_index);
 void launch_finalize_fp8_out_cuda(const FinalizeProblem& problem, int device_index);
 
-// Backward (problem.residual holds grad_out). grad_input into problem.out, using `count` (P
-// zeroed int32) as scratch; grad_weights as fp32 [T, K] contiguous.
+// Backward (problem.residual holds grad_out). grad_input into problem.out; where
+// grad_input_counts_slots, `count` (P int32, any contents) is its scratch, else it may be null.
+// grad_weights as fp32 [T, K] contiguous.
+bool grad_input_counts_slots(const FinalizeProblem& problem);
 void launch_grad_input_cuda(const FinalizeProblem& problem, int32_t* count, int device_index);
 void launch_grad_weights_cuda(const FinalizeProblem& problem, float* grad_weights,
                               int device_index);

@@ -1,13 +1,17 @@
 // CUDA backward of finalize, deterministic and without floating-point atomics.
 //
-// grad_input: a counting pass records, for every input row, how many valid slots point at it.
-// A token-parallel pass then reads each grad_out[t] once and writes scale * w * grad_out[t] to
-// every row only its slot (t, k) points at (the MoE case: the map is a permutation). A
-// row-parallel pass writes the other rows: zeros (no slot) or, for rows that several slots
-// share, the fp32 sum over those slots in (t, k) order (found by scanning the map: slow, but
-// duplicates are rare and the result stays bitwise reproducible). Reading grad_out row-major
-// instead (one pass over rows) re-read each grad_out row K times from DRAM: 55% of the copy
-// floor at K=8 on H100 (benchmarks/bench_backward.py).
+// grad_input[row] = sum over the slots (t, k) pointing at row, in (t, k) order, of
+// scale * w[t, k] * grad_out[t]; zeros where none does. Two launch plans:
+// * few slots (decode): one kernel; each block reads the whole map (it sits in L2) and writes a
+//   group of kScanRows rows. One block per row instead was 3x slower at T=64, K=8 (H100): every
+//   block read the same few map lines.
+// * otherwise: a dependent zero-fill and a counting pass record how many valid slots point at
+//   each row; then one kernel whose token blocks read each grad_out[t] once and write every
+//   row only its slot (t, k) points at (the MoE case: the map is a permutation), and whose first
+//   blocks write the other rows: zeros (no slot) or the sum over the slots that share the row
+//   (found by scanning the map: slow, but duplicates are rare and the sum stays bitwise
+//   reproducible). Reading grad_out row-major instead re-read each grad_out row K times from
+//   DRAM: 55% of the copy floor at K=8 on H100 (benchmarks/bench_backward.py).
 // grad_weights: one warp per slot, a dot product of grad_out[t] and input[row] reduced in a fixed
 // shuffle tree.
 #include <torch/csrc/stable/macros.h>
@@ -23,7 +27,38 @@ namespace {
 
 constexpr int kRowThreads = 128;
 constexpr int kWarpsPerBlock = 8;
-constexpr int kMaxSlotsPerBatch = 8;  // grad_input_tokens: slots shuffled to the warp at a time
+constexpr int kMaxSlotsPerBatch = 8;  // token blocks: slots shuffled to the warp at a time
+// The scanning plan: every block reads the whole map (at most kScanMaxSlots entries, one load
+// per thread per kRowThreads slots) and writes kScanRows rows. Used while the map reads, rows *
+// slots / kScanRows entries per column slice, stay at most kScanMaxPairs / kScanRows.
+#ifndef MOE_FINALIZE_SCAN_MAX_SLOTS
+#define MOE_FINALIZE_SCAN_MAX_SLOTS 1024
+#endif
+constexpr int kScanMaxSlots = MOE_FINALIZE_SCAN_MAX_SLOTS;
+constexpr int kScanSlotsPerThread = kScanMaxSlots / kRowThreads;
+constexpr int kScanRows = 8;
+constexpr int64_t kScanMaxPairs = int64_t{kScanMaxSlots} * kScanMaxSlots;
+// grad_input_counted's 16-byte bf16/fp16 build is bounded to 32 registers (16 blocks per SM):
+// 2-20% faster than unbounded at T >= 1024 on H100. Other builds spill at that bound.
+template <typename T, int VEC>
+constexpr int counted_min_blocks() {
+  return sizeof(T) == 2 && VEC * sizeof(T) == 16 ? 16 : 1;
+}
+
+bool scans_map(const FinalizeProblem& p) {
+  const int64_t slots = p.num_tokens * p.top_k;
+  return slots <= kScanMaxSlots && p.num_rows * slots <= kScanMaxPairs;
+}
+
+// The counting plan's scratch, zeroed by a dependent launch (a memset would not overlap).
+__global__ void zero_counts(int32_t* count, int64_t n) {
+  wait_for_upstream();  // the previous user of this memory may still read it
+  let_downstream_launch();
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    count[i] = 0;
+  }
+}
 
 __global__ void count_row_slots(const FinalizeProblem p, int32_t* count) {
   wait_for_upstream();
@@ -35,54 +70,154 @@ __global__ void count_row_slots(const FinalizeProblem p, int32_t* count) {
   atomicAdd(count + row, 1);
 }
 
-// grad_input[row, col..col+W) for one row; `p.residual` holds grad_out, `p.out` grad_input.
-template <typename T, int W>
-__device__ __forceinline__ void grad_row_cols(const FinalizeProblem& p, int64_t row, int64_t col,
-                                              int32_t count) {
+// Block-wide compaction in thread order: the threads whose `keep` is set write `value` to
+// list[n..); returns the new length. Every thread of the (kRowThreads) block must call it.
+__device__ __forceinline__ int append_in_order(bool keep, int32_t value, int32_t* list, int n,
+                                               int32_t* warp_totals) {
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  const unsigned ballot = __ballot_sync(0xffffffffu, keep);
+  if (lane == 0) warp_totals[warp] = __popc(ballot);
+  __syncthreads();
+  int before = n;
+  int total = n;
+#pragma unroll
+  for (int w = 0; w < kRowThreads / 32; ++w) {
+    before += w < warp ? warp_totals[w] : 0;
+    total += warp_totals[w];
+  }
+  if (keep) list[before + __popc(ballot & ((1u << lane) - 1u))] = value;
+  __syncthreads();  // the list is complete and warp_totals free for the next call
+  return total;
+}
+
+// grad_input[row, col..col+W) = the fp32 sum, over the slots for_each_slot hands to its
+// argument (in (t, k) order), of scale * w[t, k] * grad_out[t, col..col+W); zeros for none.
+// `p.residual` holds grad_out, `p.out` grad_input.
+template <typename T, int W, typename ForEachSlot>
+__device__ __forceinline__ void write_row_sum(const FinalizeProblem& p, int64_t row, int64_t col,
+                                              ForEachSlot for_each_slot) {
   const T* grad_out = static_cast<const T*>(p.residual);
   float acc[W];
 #pragma unroll
   for (int e = 0; e < W; ++e) acc[e] = 0.0f;
-  auto add_slot = [&](int64_t slot) {
+  for_each_slot([&](int64_t slot) {
     const int64_t t = slot / p.top_k;
     const float w = p.scale * load_weight(p, t, slot % p.top_k);
     const Pack<T, W> g =
         *reinterpret_cast<const Pack<T, W>*>(grad_out + t * p.residual_row_stride + col);
 #pragma unroll
     for (int e = 0; e < W; ++e) acc[e] = fmaf(w, Elem<T>::load(g.v[e]), acc[e]);
-  };
-  if (count > 1) {
-    for (int64_t slot = 0; slot < p.num_tokens * p.top_k; ++slot) {
-      if (load_row(p, slot / p.top_k, slot % p.top_k) == row) add_slot(slot);
-    }
-  }
+  });
   Pack<T, W> result;
 #pragma unroll
   for (int e = 0; e < W; ++e) result.v[e] = Elem<T>::store(acc[e]);
   *reinterpret_cast<Pack<T, W>*>(static_cast<T*>(p.out) + row * p.out_row_stride + col) = result;
 }
 
-// Rows that no slot or several slots point at (count != 1); the rest are grad_input_tokens'.
-// A grid-stride loop over rows: most rows are skipped, so few blocks do.
-template <typename T, int VEC>
-__global__ void __launch_bounds__(kRowThreads)
-    grad_input_rows(const FinalizeProblem p, const int32_t* count) {
-  wait_for_upstream();
-  let_downstream_launch();
-  const int64_t unit = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+// This thread's columns of `row` (vector body or scalar tail; none past the row's end).
+template <typename T, int VEC, typename ForEachSlot>
+__device__ __forceinline__ void write_row_columns(const FinalizeProblem& p, int64_t row,
+                                                  int64_t unit, ForEachSlot for_each_slot) {
   const int64_t body = p.hidden / VEC;
-  for (int64_t row = blockIdx.x; row < p.num_rows; row += gridDim.x) {
-    const int32_t c = count[row];
-    if (c == 1) continue;
-    if (unit < body) {
-      grad_row_cols<T, VEC>(p, row, unit * VEC, c);
-    } else if (unit < body + p.hidden % VEC) {
-      grad_row_cols<T, 1>(p, row, body * VEC + (unit - body), c);
-    }
+  if (unit < body) {
+    write_row_sum<T, VEC>(p, row, unit * VEC, for_each_slot);
+  } else if (unit < body + p.hidden % VEC) {
+    write_row_sum<T, 1>(p, row, body * VEC + (unit - body), for_each_slot);
   }
 }
 
-// Slot (t, k) as grad_input_tokens needs it: its row where that row is the slot's alone
+// The scanning plan's rows first_row + i (i < kScanRows), columns col..col+W. The weight and
+// grad_out row of every row's first slot are loaded unconditionally (clamped to a real slot),
+// all before any is used: loads behind a per-row branch went out one at a time, 2.3 us at T=16
+// on H100. Rows one slot points at (count 1) are then written from them.
+template <typename T, int W, bool kCommonSlots>
+__device__ __forceinline__ void write_scanned_rows(const FinalizeProblem& p, int64_t first_row,
+                                                   int64_t col, const int32_t* first_slot,
+                                                   const int32_t* slot_count) {
+  const int top_k = static_cast<int>(p.top_k);
+  const int num_slots = static_cast<int>(p.num_tokens) * top_k;
+  const T* grad_out = static_cast<const T*>(p.residual);
+  Pack<T, W> g[kScanRows];
+  float w[kScanRows];
+  if (num_slots > 0) {
+#pragma unroll
+    for (int i = 0; i < kScanRows; ++i) {
+      const int slot = min(first_slot[i], num_slots - 1);
+      const int t = slot / top_k;
+      w[i] = load_weight<kCommonSlots>(p, t, slot % top_k);
+      g[i] = *reinterpret_cast<const Pack<T, W>*>(grad_out + t * p.residual_row_stride + col);
+    }
+#pragma unroll
+    for (int i = 0; i < kScanRows; ++i) {
+      const int64_t row = first_row + i;
+      if (slot_count[i] != 1 || row >= p.num_rows) continue;
+      const float ws = p.scale * w[i];
+      Pack<T, W> result;
+#pragma unroll
+      for (int e = 0; e < W; ++e) result.v[e] = Elem<T>::store(fmaf(ws, Elem<T>::load(g[i].v[e]), 0.0f));
+      *reinterpret_cast<Pack<T, W>*>(static_cast<T*>(p.out) + row * p.out_row_stride + col) =
+          result;
+    }
+  }
+  // Zeros, or the ordered sum over the slots that share the row (rare: scan the map).
+#pragma unroll 1
+  for (int i = 0; i < kScanRows; ++i) {
+    const int64_t row = first_row + i;
+    if (slot_count[i] == 1 || row >= p.num_rows) continue;
+    const int from = slot_count[i] > 1 ? first_slot[i] : num_slots;
+    write_row_sum<T, W>(p, row, col, [&](auto add) {
+      for (int slot = from; slot < num_slots; ++slot) {
+        if (load_row(p, slot / top_k, slot % top_k) == row) add(slot);
+      }
+    });
+  }
+}
+
+// The scanning plan: block (group of kScanRows rows, column slice). Each thread reads its share
+// of the map at once (loads clamped to a real slot, none behind a per-thread branch);
+// shared-memory atomics record, per row of the group, its first slot and how many point at it
+// (both independent of the order the atomics land in).
+template <typename T, int VEC, bool kCommonSlots>
+__global__ void __launch_bounds__(kRowThreads) grad_input_scan(const FinalizeProblem p) {
+  __shared__ int32_t first_slot[kScanRows];
+  __shared__ int32_t slot_count[kScanRows];
+  const int64_t first_row = static_cast<int64_t>(blockIdx.x) * kScanRows;
+  const int64_t unit = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  const int num_slots = static_cast<int>(p.num_tokens * p.top_k);  // <= kScanMaxSlots
+  const int top_k = static_cast<int>(p.top_k);
+  if (threadIdx.x < kScanRows) {
+    first_slot[threadIdx.x] = num_slots;
+    slot_count[threadIdx.x] = 0;
+  }
+  wait_for_upstream();
+  let_downstream_launch();
+  int64_t rows[kScanSlotsPerThread];
+#pragma unroll
+  for (int i = 0; i < kScanSlotsPerThread; ++i) {
+    if (i * kRowThreads >= num_slots) break;  // block-uniform: no load waits on another
+    const int slot = min(i * kRowThreads + static_cast<int>(threadIdx.x), num_slots - 1);
+    rows[i] = load_row<kCommonSlots>(p, slot / top_k, slot % top_k);
+  }
+  __syncthreads();  // the counters are initialised
+#pragma unroll
+  for (int i = 0; i < kScanSlotsPerThread; ++i) {
+    const int slot = i * kRowThreads + static_cast<int>(threadIdx.x);
+    if (slot >= num_slots || rows[i] < first_row || rows[i] >= first_row + kScanRows) continue;
+    atomicMin(&first_slot[rows[i] - first_row], slot);
+    atomicAdd(&slot_count[rows[i] - first_row], 1);
+  }
+  __syncthreads();
+  const int64_t body = p.hidden / VEC;
+  if (unit < body) {
+    write_scanned_rows<T, VEC, kCommonSlots>(p, first_row, unit * VEC, first_slot, slot_count);
+  } else if (unit < body + p.hidden % VEC) {
+    write_scanned_rows<T, 1, kCommonSlots>(p, first_row, body * VEC + (unit - body), first_slot,
+                                           slot_count);
+  }
+}
+
+// Slot (t, k) as the token blocks need it: its row where that row is the slot's alone
 // (count 1), else -1, and scale * w.
 struct OwnedSlot {
   int64_t row = -1;
@@ -101,8 +236,7 @@ __device__ __forceinline__ OwnedSlot read_owned_slot(const FinalizeProblem& p, i
 }
 
 // grad_input[row, col..col+W) = scale * w[t, k] * grad_out[t, col..col+W) for every slot (t, k)
-// that owns its row; grad_out[t] is read once for all K slots. The warp reads the slots
-// together (for_each_slot_batch), so the map and count loads are one round trip each.
+// that owns its row.
 template <typename T, int W>
 __device__ __forceinline__ void write_owned_rows(const FinalizeProblem& p, const Pack<T, W>& g,
                                                  int64_t col, const OwnedSlot* slots, int n) {
@@ -118,13 +252,11 @@ __device__ __forceinline__ void write_owned_rows(const FinalizeProblem& p, const
   }
 }
 
+// Token t's rows that its slots own: grad_out[t] is read once for all K slots. The warp reads
+// the slots together (for_each_slot_batch), so the map and count loads are one round trip each.
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kRowThreads)
-    grad_input_tokens(const FinalizeProblem p, const int32_t* count) {
-  wait_for_upstream();
-  let_downstream_launch();
-  const int64_t t = blockIdx.x;
-  const int64_t unit = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+__device__ __forceinline__ void write_token_rows(const FinalizeProblem& p, int64_t t,
+                                                 int64_t unit, const int32_t* count) {
   const int64_t body = p.hidden / VEC;
   const bool is_vector = unit < body;
   const bool is_tail = !is_vector && unit < body + p.hidden % VEC;
@@ -144,6 +276,37 @@ __global__ void __launch_bounds__(kRowThreads)
           write_owned_rows<T, 1>(p, g1, col, slots, n);
         }
       });
+}
+
+// The counting plan's second kernel, block (x, column slice). Blocks x < row_blocks each take
+// kRowThreads consecutive rows and write those whose count is not 1 (read coalesced, gathered
+// in order); the rest take token x - row_blocks. The two sets of rows are disjoint.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kRowThreads, (counted_min_blocks<T, VEC>()))
+    grad_input_counted(const FinalizeProblem p, const int32_t* count, int64_t row_blocks) {
+  __shared__ int32_t odd_rows[kRowThreads];
+  __shared__ int32_t warp_totals[kRowThreads / 32];
+  const int64_t unit = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  wait_for_upstream();
+  let_downstream_launch();
+  if (blockIdx.x >= row_blocks) {
+    write_token_rows<T, VEC>(p, blockIdx.x - row_blocks, unit, count);
+    return;
+  }
+  const int64_t first_row = static_cast<int64_t>(blockIdx.x) * kRowThreads;
+  const int64_t my_row = first_row + threadIdx.x;
+  const bool odd = my_row < p.num_rows && count[my_row] != 1;
+  const int n = append_in_order(odd, static_cast<int32_t>(threadIdx.x), odd_rows, 0, warp_totals);
+  for (int i = 0; i < n; ++i) {
+    const int64_t row = first_row + odd_rows[i];
+    const bool shared = count[row] > 1;  // else no slot points at it: zeros
+    write_row_columns<T, VEC>(p, row, unit, [&](auto add) {
+      if (!shared) return;
+      for (int64_t slot = 0; slot < p.num_tokens * p.top_k; ++slot) {
+        if (load_row(p, slot / p.top_k, slot % p.top_k) == row) add(slot);
+      }
+    });
+  }
 }
 
 template <typename T, int W>
@@ -189,26 +352,32 @@ bool aligned_rows(const void* ptr, int64_t row_stride, int vec, size_t elem_size
 template <typename T>
 void launch_grad_input(const FinalizeProblem& p, int32_t* count, int device) {
   constexpr int kVec = 16 / sizeof(T);
-  const int64_t slots = p.num_tokens * p.top_k;
-  if (slots > 0) {
-    launch_kernel(count_row_slots, dim3(static_cast<unsigned>((slots + 255) / 256)), dim3(256),
-                  device, p, count);
-  }
   const bool vec = aligned_rows(p.out, p.out_row_stride, kVec, sizeof(T)) &&
                    aligned_rows(p.residual, p.residual_row_stride, kVec, sizeof(T));
   const int64_t units = vec ? p.hidden / kVec + p.hidden % kVec : p.hidden;
   const unsigned col_blocks = static_cast<unsigned>((units + kRowThreads - 1) / kRowThreads);
-  // Enough blocks to fill the card for the few rows grad_input_rows writes.
-  const int64_t row_blocks = std::min<int64_t>(p.num_rows, 16LL * device_info(device).sm_count);
-  const dim3 token_grid(static_cast<unsigned>(p.num_tokens), col_blocks);
-  const dim3 row_grid(static_cast<unsigned>(row_blocks), col_blocks);
-  const int32_t* counts = count;
+  const int64_t slots = p.num_tokens * p.top_k;
+  const int64_t row_blocks = (p.num_rows + kRowThreads - 1) / kRowThreads;
+  const int sm_count = device_info(device).sm_count;
   auto launch = [&](auto vec_elems) {
     constexpr int kW = decltype(vec_elems)::value;
-    if (p.num_tokens > 0) {
-      launch_kernel(grad_input_tokens<T, kW>, token_grid, dim3(kRowThreads), device, p, counts);
+    if (scans_map(p)) {
+      const int64_t groups = (p.num_rows + kScanRows - 1) / kScanRows;
+      with_slot_format<true>(p, [&](auto common_slots) {
+        launch_kernel(grad_input_scan<T, kW, decltype(common_slots)::value>,
+                      dim3(static_cast<unsigned>(groups), col_blocks), dim3(kRowThreads), device,
+                      p);
+      });
+      return;
     }
-    launch_kernel(grad_input_rows<T, kW>, row_grid, dim3(kRowThreads), device, p, counts);
+    const int64_t zero_blocks = std::min<int64_t>((p.num_rows + 255) / 256, 4LL * sm_count);
+    launch_kernel(zero_counts, dim3(static_cast<unsigned>(zero_blocks)), dim3(256), device, count,
+                  p.num_rows);
+    launch_kernel(count_row_slots, dim3(static_cast<unsigned>((slots + 255) / 256)), dim3(256),
+                  device, p, count);
+    const dim3 grid(static_cast<unsigned>(row_blocks + p.num_tokens), col_blocks);
+    launch_kernel(grad_input_counted<T, kW>, grid, dim3(kRowThreads), device, p,
+                  static_cast<const int32_t*>(count), row_blocks);
   };
   if (vec) {
     launch(std::integral_constant<int, kVec>{});
@@ -233,6 +402,8 @@ void launch_grad_weights(const FinalizeProblem& p, float* grad_weights, int devi
 }
 
 }  // namespace
+
+bool grad_input_counts_slots(const FinalizeProblem& p) { return !scans_map(p); }
 
 void launch_grad_input_cuda(const FinalizeProblem& p, int32_t* count, int device_index) {
   DeviceScope scope(device_index);

@@ -122,8 +122,13 @@ Tensor finalize_grad_input(Tensor grad_out, Tensor input, std::optional<Tensor> 
   Tensor grad_input = allocate_like(input, p.num_rows, p.hidden);
   bind_output(p, grad_input);
   if (p.num_rows == 0 || p.hidden == 0) return grad_input;
-  Tensor count = torch::stable::new_zeros(input, {p.num_rows}, ScalarType::Int);
-  launch_grad_input_cuda(p, static_cast<int32_t*>(count.data_ptr()), input.get_device_index());
+  // Scratch for the counting plan (zeroed by its kernels); decode-sized problems need none.
+  std::optional<Tensor> count;
+  if (grad_input_counts_slots(p)) {
+    count = torch::stable::new_empty(input, {p.num_rows}, ScalarType::Int);
+  }
+  launch_grad_input_cuda(p, count ? static_cast<int32_t*>(count->data_ptr()) : nullptr,
+                         input.get_device_index());
   return grad_input;
 }
 

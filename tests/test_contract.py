@@ -216,13 +216,19 @@ def test_gradcheck_double_precision_path(device):
     )
 
 
+# (T, K, H): 264 slots take grad_input's scanning plan, 2400 its counting plan.
+BACKWARD_SHAPES = [(33, 8, 1032), (300, 8, 264)]
+
+
 @pytest.mark.cuda
+@pytest.mark.parametrize("shape", BACKWARD_SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_cuda_backward_kernels(dtype):
+def test_cuda_backward_kernels(dtype, shape):
     """The CUDA gradient kernels: opcheck, reference values, bitwise run-to-run equality."""
-    case = make_case("cuda", dtype, 33, 8, 1032, "k_major", extra_rows=9, scale=2.5)
+    num_tokens, top_k, hidden = shape
+    case = make_case("cuda", dtype, num_tokens, top_k, hidden, "k_major", extra_rows=9, scale=2.5)
     case.row_map[:, 3] = case.row_map[:, 1]  # shared rows take the ordered-scan path
-    grad_out = torch.randn(33, 1032, device="cuda").to(dtype)
+    grad_out = torch.randn(num_tokens, hidden, device="cuda").to(dtype)
     args = (grad_out, case.input, case.row_map, case.weights)
     for op in (torch.ops.moe_finalize.finalize_grad_input, torch.ops.moe_finalize.finalize_grad_weights):
         torch.library.opcheck(op.default, args, {"scale": 2.5})
@@ -237,3 +243,24 @@ def test_cuda_backward_kernels(dtype):
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(ours[0].float(), x.grad, atol=atol, rtol=rtol)
     torch.testing.assert_close(ours[1], w.grad, atol=1e-2 * 32, rtol=1e-2)
+
+
+@pytest.mark.cuda
+def test_cuda_grad_input_plans_bitwise_equal():
+    """A row's gradient does not depend on the launch plan: the first 24 tokens of a 300-token
+    problem (counting plan), re-indexed onto their own rows, take the scanning plan and must
+    give the same bits for every row only they point at (shared rows included)."""
+    big = make_case("cuda", torch.bfloat16, 300, 8, 264, "k_major", extra_rows=9)
+    big.row_map[:, 3] = big.row_map[:, 1]  # rows shared inside a token
+    grad_out = torch.randn(300, 264, device="cuda").to(torch.bfloat16)
+    grad_input = torch.ops.moe_finalize.finalize_grad_input
+    whole = grad_input(grad_out, big.input, big.row_map, big.weights, scale=1.7)
+    head_map = big.row_map[:24]
+    rows = head_map[head_map >= 0].long().unique()  # ascending
+    others = big.row_map[24:]
+    rows = rows[~torch.isin(rows, others[others >= 0].long())]
+    small_map = torch.where(torch.isin(head_map.long(), rows),
+                            torch.searchsorted(rows, head_map.long()), -1).to(torch.int32)
+    part = grad_input(grad_out[:24], big.input[rows], small_map, big.weights[:24], scale=1.7)
+    assert rows.numel() > 100  # ~140: 192 slots, 15% skipped, 24 shared pairs
+    assert torch.equal(part, whole[rows])
