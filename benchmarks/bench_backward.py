@@ -40,7 +40,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_finalize as bf  # noqa: E402  (shared timing, floor and rotation helpers)
 
-SHAPES = ["16,8,4096", "1024,8,4096", "16384,8,4096", "16384,2,4096", "16384,8,7168"]
+SHAPES = ["16,8,4096", "128,8,4096", "1024,8,4096", "16384,8,4096", "16384,2,4096", "16384,8,7168"]
 
 
 @dataclass

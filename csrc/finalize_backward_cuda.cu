@@ -191,11 +191,12 @@ __global__ void __launch_bounds__(kRowThreads) grad_input_scan(const FinalizePro
   wait_for_upstream();
   let_downstream_launch();
   int64_t rows[kScanSlotsPerThread];
+  if (num_slots > 0) {
 #pragma unroll
-  for (int i = 0; i < kScanSlotsPerThread; ++i) {
-    if (i * kRowThreads >= num_slots) break;  // block-uniform: no load waits on another
-    const int slot = min(i * kRowThreads + static_cast<int>(threadIdx.x), num_slots - 1);
-    rows[i] = load_row<kCommonSlots>(p, slot / top_k, slot % top_k);
+    for (int i = 0; i < kScanSlotsPerThread; ++i) {
+      const int slot = min(i * kRowThreads + static_cast<int>(threadIdx.x), num_slots - 1);
+      rows[i] = load_row<kCommonSlots>(p, slot / top_k, slot % top_k);
+    }
   }
   __syncthreads();  // the counters are initialised
 #pragma unroll
