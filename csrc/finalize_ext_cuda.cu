@@ -229,9 +229,15 @@ __device__ __forceinline__ void store(const FinalizeProblem& p, int64_t t, int64
 // 80 registers, 6 blocks (more bytes in flight than 4 blocks of the unbounded 102-register
 // build); G<=4 at most 64, 8 blocks, or when streaming (T >= kStreamMinTokens) 56, 9 blocks:
 // FP8 1-4% faster there, 5-7% slower at T=512. 48 registers spilled and lost everywhere.
+// G=2 when streaming: 40 registers, 12 blocks (K=2 moves few bytes per thread, so occupancy
+// decides: FP8 Mixtral T=16384 103.2 -> 98.7 us; FP8 output 105.3 -> 98.8 although its
+// common-slot build spills 20 bytes there; 32 registers spilled more).
 // Unbounded (1): bias kernels, and narrow ones (decode only: few blocks, no spills).
 constexpr int min_blocks_per_sm(int rows_in_flight, bool bounded, bool stream) {
-  return !bounded ? 1 : rows_in_flight == 8 ? 6 : (rows_in_flight == 4 && stream) ? 9 : 8;
+  if (!bounded) return 1;
+  if (rows_in_flight == 8) return 6;
+  if (stream) return rows_in_flight == 4 ? 9 : rows_in_flight == 2 ? 12 : 8;
+  return 8;
 }
 
 // Calls launch(std::integral_constant<int, blocks>{}) with min_blocks_per_sm for this launch;
