@@ -108,6 +108,24 @@ def _require() -> None:
         raise RuntimeError("triton_peer: Triton is not installed")
 
 
+def _launch_per_token(kernel, rows: Tensor, row_map: Tensor, weights: Tensor, out: Tensor,
+                      extra: tuple = (), extra_strides: tuple = (), **meta) -> Tensor:
+    """One program per (token, BLOCK_H columns) of ``kernel(rows, *extra, map, weights, out, H,
+    rows' row stride, *extra_strides, map / weights strides, out's row stride)``."""
+    num_tokens, k = row_map.shape
+    hidden = rows.shape[1]
+    if num_tokens > 0:
+        kernel[(num_tokens, triton.cdiv(hidden, BLOCK_H))](
+            rows, *extra, row_map, weights, out,
+            hidden,
+            rows.stride(0), *extra_strides,
+            row_map.stride(0), row_map.stride(1), weights.stride(0), weights.stride(1),
+            out.stride(0),
+            K=k, BLOCK=BLOCK_H, num_warps=NUM_WARPS, **meta,
+        )
+    return out
+
+
 def finalize(input: Tensor, row_map: Tensor, weights: Tensor, out: Tensor | None = None) -> Tensor:
     """out[t] = sum_k weights[t, k] * input[row_map[t, k]] (fp32 accumulation, dtype of input).
 
@@ -115,20 +133,10 @@ def finalize(input: Tensor, row_map: Tensor, weights: Tensor, out: Tensor | None
     ``weights`` [T, K] with any strides; ``out`` [T, H] with unit last-dim stride.
     """
     _require()
-    num_tokens, k = row_map.shape
-    hidden = input.shape[1]
     if out is None:
-        out = torch.empty((num_tokens, hidden), dtype=input.dtype, device=input.device)
-    if num_tokens == 0:
-        return out
-    _finalize_kernel[(num_tokens, triton.cdiv(hidden, BLOCK_H))](
-        input, row_map, weights, out,
-        hidden,
-        input.stride(0), row_map.stride(0), row_map.stride(1),
-        weights.stride(0), weights.stride(1), out.stride(0),
-        K=k, BLOCK=BLOCK_H, num_warps=NUM_WARPS,
-    )
-    return out
+        out = torch.empty((row_map.shape[0], input.shape[1]), dtype=input.dtype,
+                          device=input.device)
+    return _launch_per_token(_finalize_kernel, input, row_map, weights, out)
 
 
 def finalize_fp8(
@@ -144,7 +152,6 @@ def finalize_fp8(
     out[t, h] = sum_k weights[t, k] * input[row, h] * scales[row, h // 128], row = row_map[t, k].
     """
     _require()
-    num_tokens, k = row_map.shape
     hidden = input.shape[1]
     if scales.shape != (input.shape[0], triton.cdiv(hidden, FP8_SCALE_BLOCK)):
         raise ValueError(
@@ -152,17 +159,10 @@ def finalize_fp8(
             f"[{input.shape[0]}, {triton.cdiv(hidden, FP8_SCALE_BLOCK)}], got {list(scales.shape)}"
         )
     if out is None:
-        out = torch.empty((num_tokens, hidden), dtype=out_dtype, device=input.device)
-    if num_tokens == 0:
-        return out
-    _finalize_fp8_kernel[(num_tokens, triton.cdiv(hidden, BLOCK_H))](
-        input, scales, row_map, weights, out,
-        hidden,
-        input.stride(0), scales.stride(0), scales.stride(1),
-        row_map.stride(0), row_map.stride(1), weights.stride(0), weights.stride(1), out.stride(0),
-        K=k, BLOCK=BLOCK_H, SCALE_BLOCK=FP8_SCALE_BLOCK, num_warps=NUM_WARPS,
-    )
-    return out
+        out = torch.empty((row_map.shape[0], hidden), dtype=out_dtype, device=input.device)
+    return _launch_per_token(_finalize_fp8_kernel, input, row_map, weights, out,
+                             extra=(scales,), extra_strides=(scales.stride(0), scales.stride(1)),
+                             SCALE_BLOCK=FP8_SCALE_BLOCK)
 
 
 def scatter_grad_input(grad_out: Tensor, row_map: Tensor, weights: Tensor, num_rows: int,
@@ -170,17 +170,7 @@ def scatter_grad_input(grad_out: Tensor, row_map: Tensor, weights: Tensor, num_r
     """out[row_map[t, k]] = weights[t, k] * grad_out[t] for a permutation ``row_map``
     (rows nothing points at are left as they were; shared rows are not summed)."""
     _require()
-    num_tokens, k = row_map.shape
-    hidden = grad_out.shape[1]
     if out is None:
-        out = torch.empty((num_rows, hidden), dtype=grad_out.dtype, device=grad_out.device)
-    if num_tokens == 0:
-        return out
-    _scatter_grad_input_kernel[(num_tokens, triton.cdiv(hidden, BLOCK_H))](
-        grad_out, row_map, weights, out,
-        hidden,
-        grad_out.stride(0), row_map.stride(0), row_map.stride(1),
-        weights.stride(0), weights.stride(1), out.stride(0),
-        K=k, BLOCK=BLOCK_H, num_warps=NUM_WARPS,
-    )
-    return out
+        out = torch.empty((num_rows, grad_out.shape[1]), dtype=grad_out.dtype,
+                          device=grad_out.device)
+    return _launch_per_token(_scatter_grad_input_kernel, grad_out, row_map, weights, out)

@@ -196,7 +196,14 @@ PEER_CHECK = textwrap.dedent(r"""
     got = tp.finalize_fp8(q, s_t, m, w)
     rel8 = ((got.float() - want).norm() / want.norm()).item()
     assert got.dtype == torch.bfloat16 and torch.isfinite(got).all() and rel8 < 1e-2, rel8
-    print("ok", rel, rel8)
+    perm = torch.randperm(T * K).int().view(K, T).t()                # k-major permutation
+    g = torch.randn(T, H, dtype=torch.bfloat16)
+    x = torch.randn(T * K, H).requires_grad_()
+    ref.finalize(x, perm, w).backward(g.float())
+    got = tp.scatter_grad_input(g, perm, w, T * K)
+    rel_g = ((got.float() - x.grad).norm() / x.grad.norm()).item()
+    assert torch.isfinite(got).all() and rel_g < 1e-2, rel_g
+    print("ok", rel, rel8, rel_g)
 """)
 
 
