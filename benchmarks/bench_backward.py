@@ -4,8 +4,9 @@ same bandwidth standard").
 Per shape (bf16, fp32 weights, a random permutation map) it times, on fresh random data
 rotated past 3x L2 and under CUDA-graph replay (bench_finalize.graph_time_us):
 
-* ``grad_input``   -- ``torch.ops.moe_finalize.finalize_grad_input`` (the counting pass plus
-  one write of every input row: ``grad_input[row] = scale * w[t, k] * grad_out[t]``);
+* ``grad_input``   -- ``torch.ops.moe_finalize.finalize_grad_input`` (one write of every input
+  row, ``grad_input[row] = scale * w[t, k] * grad_out[t]``: one scanning kernel at decode,
+  else a zero-fill, a count and one writing kernel; finalize_backward_cuda.cu);
 * ``grad_weights`` -- ``torch.ops.moe_finalize.finalize_grad_weights`` (one warp per slot:
   ``scale * <grad_out[t], input[row]>``);
 * ``composite``    -- the same two gradients from PyTorch ops as the autograd of

@@ -69,23 +69,23 @@ __global__ void count_row_slots(const FinalizeProblem p, int32_t* count) {
 }
 
 // Block-wide compaction in thread order: the threads whose `keep` is set write `value` to
-// list[n..); returns the new length. Every thread of the (kRowThreads) block must call it.
-__device__ __forceinline__ int append_in_order(bool keep, int32_t value, int32_t* list, int n,
-                                               int32_t* warp_totals) {
+// list[0..); returns how many did. Every thread of the (kRowThreads) block must call it.
+__device__ __forceinline__ int compact_in_order(bool keep, int32_t value, int32_t* list,
+                                                int32_t* warp_totals) {
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
   const unsigned ballot = __ballot_sync(0xffffffffu, keep);
   if (lane == 0) warp_totals[warp] = __popc(ballot);
   __syncthreads();
-  int before = n;
-  int total = n;
+  int before = 0;
+  int total = 0;
 #pragma unroll
   for (int w = 0; w < kRowThreads / 32; ++w) {
     before += w < warp ? warp_totals[w] : 0;
     total += warp_totals[w];
   }
   if (keep) list[before + __popc(ballot & ((1u << lane) - 1u))] = value;
-  __syncthreads();  // the list is complete and warp_totals free for the next call
+  __syncthreads();  // the list is complete
   return total;
 }
 
@@ -295,7 +295,7 @@ __global__ void __launch_bounds__(kRowThreads, (counted_min_blocks<T, VEC>()))
   const int64_t first_row = static_cast<int64_t>(blockIdx.x) * kRowThreads;
   const int64_t my_row = first_row + threadIdx.x;
   const bool odd = my_row < p.num_rows && count[my_row] != 1;
-  const int n = append_in_order(odd, static_cast<int32_t>(threadIdx.x), odd_rows, 0, warp_totals);
+  const int n = compact_in_order(odd, static_cast<int32_t>(threadIdx.x), odd_rows, warp_totals);
   for (int i = 0; i < n; ++i) {
     const int64_t row = first_row + odd_rows[i];
     const bool shared = count[row] > 1;  // else no slot points at it: zeros
@@ -344,15 +344,11 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   if (lane == 0) grad_weights[slot] = p.scale * acc;
 }
 
-bool aligned_rows(const void* ptr, int64_t row_stride, int vec, size_t elem_size) {
-  return reinterpret_cast<uintptr_t>(ptr) % (vec * elem_size) == 0 && row_stride % vec == 0;
-}
-
 template <typename T>
 void launch_grad_input(const FinalizeProblem& p, int32_t* count, int device) {
   constexpr int kVec = 16 / sizeof(T);
-  const bool vec = aligned_rows(p.out, p.out_row_stride, kVec, sizeof(T)) &&
-                   aligned_rows(p.residual, p.residual_row_stride, kVec, sizeof(T));
+  const bool vec = aligned(p.out, p.out_row_stride, kVec, sizeof(T)) &&
+                   aligned(p.residual, p.residual_row_stride, kVec, sizeof(T));
   const int64_t units = vec ? p.hidden / kVec + p.hidden % kVec : p.hidden;
   const unsigned col_blocks = static_cast<unsigned>((units + kRowThreads - 1) / kRowThreads);
   const int64_t slots = p.num_tokens * p.top_k;
@@ -390,8 +386,8 @@ void launch_grad_weights(const FinalizeProblem& p, float* grad_weights, int devi
   constexpr int kVec = 16 / sizeof(T);
   const int64_t slots = p.num_tokens * p.top_k;
   const dim3 grid(static_cast<unsigned>((slots + kWarpsPerBlock - 1) / kWarpsPerBlock));
-  if (aligned_rows(p.input, p.input_row_stride, kVec, sizeof(T)) &&
-      aligned_rows(p.residual, p.residual_row_stride, kVec, sizeof(T))) {
+  if (aligned(p.input, p.input_row_stride, kVec, sizeof(T)) &&
+      aligned(p.residual, p.residual_row_stride, kVec, sizeof(T))) {
     launch_kernel(grad_weight_slots<T, kVec>, grid, dim3(kWarpsPerBlock * 32), device, p,
                   grad_weights);
   } else {
