@@ -113,6 +113,28 @@ __device__ __forceinline__ void write_row_sum(const FinalizeProblem& p, int64_t 
   *reinterpret_cast<Pack<T, W>*>(static_cast<T*>(p.out) + row * p.out_row_stride + col) = result;
 }
 
+// grad_input[row, col..col+W) = ws * g, ws = scale * w[t, k]: a row one slot points at. The
+// arithmetic of write_row_sum's first term (an fma onto 0), so both plans write the same bits.
+template <typename T, int W>
+__device__ __forceinline__ void write_single_slot_row(const FinalizeProblem& p, int64_t row,
+                                                      int64_t col, float ws, const Pack<T, W>& g) {
+  Pack<T, W> result;
+#pragma unroll
+  for (int e = 0; e < W; ++e) result.v[e] = Elem<T>::store(fmaf(ws, Elem<T>::load(g.v[e]), 0.0f));
+  *reinterpret_cast<Pack<T, W>*>(static_cast<T*>(p.out) + row * p.out_row_stride + col) = result;
+}
+
+// Calls add(slot) for every slot from `first` on whose map entry is `row`, in (t, k) order: the
+// slots of a row several point at (rare, so a plain scan of the map).
+template <typename Index, typename Add>
+__device__ __forceinline__ void for_each_slot_of_row(const FinalizeProblem& p, int64_t row,
+                                                     Index first, Add add) {
+  const Index top_k = static_cast<Index>(p.top_k);
+  for (Index slot = first; slot < static_cast<Index>(p.num_tokens) * top_k; ++slot) {
+    if (load_row(p, slot / top_k, slot % top_k) == row) add(slot);
+  }
+}
+
 // This thread's columns of `row` (vector body or scalar tail; none past the row's end).
 template <typename T, int VEC, typename ForEachSlot>
 __device__ __forceinline__ void write_row_columns(const FinalizeProblem& p, int64_t row,
@@ -150,12 +172,7 @@ __device__ __forceinline__ void write_scanned_rows(const FinalizeProblem& p, int
     for (int i = 0; i < kScanRows; ++i) {
       const int64_t row = first_row + i;
       if (slot_count[i] != 1 || row >= p.num_rows) continue;
-      const float ws = p.scale * w[i];
-      Pack<T, W> result;
-#pragma unroll
-      for (int e = 0; e < W; ++e) result.v[e] = Elem<T>::store(fmaf(ws, Elem<T>::load(g[i].v[e]), 0.0f));
-      *reinterpret_cast<Pack<T, W>*>(static_cast<T*>(p.out) + row * p.out_row_stride + col) =
-          result;
+      write_single_slot_row<T, W>(p, row, col, p.scale * w[i], g[i]);
     }
   }
   // Zeros, or the ordered sum over the slots that share the row (rare: scan the map).
@@ -164,11 +181,7 @@ __device__ __forceinline__ void write_scanned_rows(const FinalizeProblem& p, int
     const int64_t row = first_row + i;
     if (slot_count[i] == 1 || row >= p.num_rows) continue;
     const int from = slot_count[i] > 1 ? first_slot[i] : num_slots;
-    write_row_sum<T, W>(p, row, col, [&](auto add) {
-      for (int slot = from; slot < num_slots; ++slot) {
-        if (load_row(p, slot / top_k, slot % top_k) == row) add(slot);
-      }
-    });
+    write_row_sum<T, W>(p, row, col, [&](auto add) { for_each_slot_of_row(p, row, from, add); });
   }
 }
 
@@ -240,14 +253,7 @@ template <typename T, int W>
 __device__ __forceinline__ void write_owned_rows(const FinalizeProblem& p, const Pack<T, W>& g,
                                                  int64_t col, const OwnedSlot* slots, int n) {
   for (int u = 0; u < n; ++u) {
-    if (slots[u].row < 0) continue;
-    Pack<T, W> result;
-#pragma unroll
-    for (int e = 0; e < W; ++e) {
-      result.v[e] = Elem<T>::store(fmaf(slots[u].w, Elem<T>::load(g.v[e]), 0.0f));
-    }
-    *reinterpret_cast<Pack<T, W>*>(static_cast<T*>(p.out) + slots[u].row * p.out_row_stride +
-                                   col) = result;
+    if (slots[u].row >= 0) write_single_slot_row<T, W>(p, slots[u].row, col, slots[u].w, g);
   }
 }
 
@@ -300,10 +306,7 @@ __global__ void __launch_bounds__(kRowThreads, (counted_min_blocks<T, VEC>()))
     const int64_t row = first_row + odd_rows[i];
     const bool shared = count[row] > 1;  // else no slot points at it: zeros
     write_row_columns<T, VEC>(p, row, unit, [&](auto add) {
-      if (!shared) return;
-      for (int64_t slot = 0; slot < p.num_tokens * p.top_k; ++slot) {
-        if (load_row(p, slot / p.top_k, slot % p.top_k) == row) add(slot);
-      }
+      if (shared) for_each_slot_of_row(p, row, int64_t{0}, add);
     });
   }
 }

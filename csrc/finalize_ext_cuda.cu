@@ -34,28 +34,33 @@ constexpr int kMaxThreads = 128;  // threads per block at most
 constexpr int kMaxRowsInFlight = 8;  // source rows loaded before any is consumed (G <= this)
 constexpr float kE4m3Max = 448.0f;
 
-// One top-k slot as the accumulation reads it (default: skipped).
-template <bool kBias>
+// One top-k slot as the accumulation reads it (default: skipped). Each thread computes the row's
+// element and scale offsets from `row`: shuffling both 64-bit offsets took 4 more registers per
+// slot, and their spills cost the K=2 FP8-output kernel 2.5% (H100).
+template <bool kBias, typename Row = int64_t>
 struct Slot {
-  int64_t off = -1;       // element offset of the source row in input; -1: skip the slot
-  int64_t scale_off = 0;  // offset of the row's scales in input_scales (0 without scales)
+  Row row = -1;           // source row in input; -1: skip the slot (int32 for int32 maps)
   int64_t bias_off = -1;  // offset of the expert's bias row; -1: no bias (none given, or an
                           // expert id outside [0, E), never read; the CPU kernel raises instead)
   float w = 0.0f;
   __device__ __forceinline__ Slot from_lane(int src) const {
     Slot s;
-    s.off = __shfl_sync(0xffffffffu, off, src);
-    s.scale_off = __shfl_sync(0xffffffffu, scale_off, src);
+    s.row = __shfl_sync(0xffffffffu, row, src);
     if constexpr (kBias) s.bias_off = __shfl_sync(0xffffffffu, bias_off, src);
     s.w = __shfl_sync(0xffffffffu, w, src);
     return s;
   }
 };
 
+// The slot type of a kernel: int32 rows for the common format's int32 map.
+template <bool kBias, bool kCommonSlots>
+using SlotOf = Slot<kBias, std::conditional_t<kCommonSlots, int32_t, int64_t>>;
+
 // Slot (t, k). The weight and the expert id are read whatever the map holds ((t, k) is always in
 // bounds), so their loads overlap the map load instead of waiting for it.
 template <bool kBias, bool kCommonSlots = false>
-__device__ __forceinline__ Slot<kBias> read_slot(const FinalizeProblem& p, int64_t t, int64_t k) {
+__device__ __forceinline__ SlotOf<kBias, kCommonSlots> read_slot(const FinalizeProblem& p,
+                                                                 int64_t t, int64_t k) {
   const int64_t row = load_row<kCommonSlots>(p, t, k);
   const float w = load_weight<kCommonSlots>(p, t, k);
   int64_t expert = -1;
@@ -66,9 +71,8 @@ __device__ __forceinline__ Slot<kBias> read_slot(const FinalizeProblem& p, int64
                  : static_cast<int64_t>(static_cast<const int32_t*>(p.expert_ids)[offset]);
   }
   const bool valid = row >= 0 && row < p.num_rows;  // never read outside input
-  Slot<kBias> s;
-  s.off = valid ? row * p.input_row_stride : -1;
-  s.scale_off = valid ? row * p.scale_stride_row : 0;
+  SlotOf<kBias, kCommonSlots> s;
+  s.row = valid ? row : -1;
   s.bias_off = valid && expert >= 0 && expert < p.num_experts ? expert * p.bias_row_stride : -1;
   s.w = w;
   return s;
@@ -143,26 +147,28 @@ __device__ __forceinline__ void load_bias(const FinalizeProblem& p, int64_t offs
   }
 }
 
-// acc[0..W) += the G slots `s` (off < 0: skipped) at columns col..col+W, in
+// acc[0..W) += the G slots `s` (row < 0: skipped) at columns col..col+W, in
 // k-order; every row is loaded before any is consumed. Every element takes the same arithmetic
 // whatever W is (bitwise equal vector and tail paths).
-template <typename T, int W, int G, bool kBias, bool kL1Allocate = false>
+template <typename T, int W, int G, bool kBias, bool kL1Allocate = false, typename S>
 __device__ __forceinline__ void accumulate(float* acc, const FinalizeProblem& p, int64_t col,
-                                           int64_t scale_block_off, const Slot<kBias>* s) {
+                                           int64_t scale_block_off, const S* s) {
   const T* col_ptr = static_cast<const T*>(p.input) + col;
   Pack<T, W> rows[G];
   float sc[G];
 #pragma unroll
-  for (int u = 0; u < G; ++u)
-    rows[u] = load_stream<T, W, kL1Allocate>(col_ptr + s[u].off, s[u].off >= 0);
-#pragma unroll
   for (int u = 0; u < G; ++u) {
-    sc[u] = load_scale<kL1Allocate>(p.scales + s[u].scale_off + scale_block_off,
-                                    p.scales != nullptr && s[u].off >= 0);
+    rows[u] = load_stream<T, W, kL1Allocate>(col_ptr + s[u].row * p.input_row_stride,
+                                             s[u].row >= 0);
   }
 #pragma unroll
   for (int u = 0; u < G; ++u) {
-    if (s[u].off < 0) continue;
+    sc[u] = load_scale<kL1Allocate>(p.scales + s[u].row * p.scale_stride_row + scale_block_off,
+                                    p.scales != nullptr && s[u].row >= 0);
+  }
+#pragma unroll
+  for (int u = 0; u < G; ++u) {
+    if (s[u].row < 0) continue;
     float x[W];
     widen<T, W>(rows[u], x);
     if constexpr (kBias) {
@@ -190,9 +196,9 @@ template <typename TIn, int VEC, int G, bool kBias, bool kL1Allocate, bool kComm
           bool kTail>
 __device__ __forceinline__ void accumulate_token(float* acc, const FinalizeProblem& p,
                                                  const Columns& c, int64_t scale_block_off) {
-  for_each_slot_batch<G, Slot<kBias>>(
+  for_each_slot_batch<G, SlotOf<kBias, kCommonSlots>>(
       p.top_k, [&](int64_t k) { return read_slot<kBias, kCommonSlots>(p, c.t, k); },
-      [&](const Slot<kBias>* slots, int) {
+      [&](const auto* slots, int) {
         if (c.is_vector) {
           accumulate<TIn, VEC, G, kBias, kL1Allocate>(acc, p, c.col, scale_block_off, slots);
         } else if (kTail && c.is_tail) {
@@ -228,10 +234,9 @@ __device__ __forceinline__ void store(const FinalizeProblem& p, int64_t t, int64
 // Blocks per SM the registers of a G-row kernel are bounded for, measured on H100: G=8 at most
 // 80 registers, 6 blocks (more bytes in flight than 4 blocks of the unbounded 102-register
 // build); G<=4 at most 64, 8 blocks, or when streaming (T >= kStreamMinTokens) 56, 9 blocks:
-// FP8 1-4% faster there, 5-7% slower at T=512. 48 registers spilled and lost everywhere.
+// FP8 1-4% faster there, 5-7% slower at T=512; 48 registers (10 blocks) measured within 1%.
 // G=2 when streaming: 40 registers, 12 blocks (K=2 moves few bytes per thread, so occupancy
-// decides: FP8 Mixtral T=16384 103.2 -> 98.7 us; FP8 output 105.3 -> 98.8 although its
-// common-slot build spills 20 bytes there; 32 registers spilled more).
+// decides: FP8 Mixtral T=16384 103.2 -> 98.7 us; 32 registers spill 16-24 bytes: 116.6 us).
 // Unbounded (1): bias kernels, and narrow ones (decode only: few blocks, no spills).
 constexpr int min_blocks_per_sm(int rows_in_flight, bool bounded, bool stream) {
   if (!bounded) return 1;
@@ -280,6 +285,38 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
   }
 }
 
+// codes[e] = e4m3(x[e] / s) for e < W, s > 0 the block's scale: the quotient rounded to fp32,
+// then to e4m3 (nearest even, saturating to +-448), as the CPU kernel does. A full fp32 division
+// per element made the K=2 FP8-output kernel issue-bound (Nsight Compute, H100), so where s is
+// in [2^-60, 2^60] the quotient takes three FMA-pipe instructions: with r = RN(1 / s), q = x * r
+// is within an ulp of x / s, and q + RN(x - s q) r rounds to exactly RN(x / s) (Markstein's
+// theorem; the fma makes x - s q exact). That holds while nothing underflows: |x| <= 448 s by
+// construction, and codes other than 0 need |x / s| >= 2^-10, so |x| >= 2^-70. The sign is x's
+// (s > 0), which also keeps -0 as -0. Outside that range (an infinite amax, a tiny amax_floor):
+// the full division.
+template <int W>
+__device__ __forceinline__ void quantize_e4m3(const float* x, float s, __nv_fp8_e4m3* codes) {
+  static_assert(W % 2 == 0, "codes are converted in pairs");
+  float q[W];
+  if (s >= 0x1p-60f && s <= 0x1p60f) {
+    const float r = 1.0f / s;
+#pragma unroll
+    for (int e = 0; e < W; ++e) {
+      const float approx = x[e] * r;
+      q[e] = copysignf(fmaf(fmaf(-approx, s, x[e]), r, approx), x[e]);
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < W; ++e) q[e] = x[e] / s;
+  }
+#pragma unroll
+  for (int e = 0; e < W; e += 2) {
+    const __nv_fp8x2_storage_t pair =
+        __nv_cvt_float2_to_fp8x2(make_float2(q[e], q[e + 1]), __NV_SATFINITE, __NV_E4M3);
+    memcpy(&codes[e], &pair, sizeof pair);
+  }
+}
+
 // FP8 output: one warp per (token, 128-column block), 4 columns per lane (one 4-element access
 // where kVec4 and the lane's 4 columns are inside the row, else one column at a time); the warp
 // reduces the block's amax, writes the scale, then the e4m3 codes.
@@ -311,7 +348,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   for_each_slot_batch<kMaxRowsInFlight, Slot<kBias>>(
       p.top_k, [&](int64_t k) { return read_slot<kBias>(p, t, k); },
-      [&](const Slot<kBias>* slots, int) {
+      [&](const auto* slots, int) {
         if (whole) {
           accumulate<TIn, 4, kMaxRowsInFlight, kBias>(acc, p, col0, scale_block_off, slots);
         } else {
@@ -339,12 +376,13 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
   for (int offset = 16; offset > 0; offset /= 2)
     amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
   const float s = fmaxf(amax, p.amax_floor) / kE4m3Max;
+  __nv_fp8_e4m3 codes[4];
+  quantize_e4m3<4>(acc, s, codes);
   auto* out = static_cast<__nv_fp8_e4m3*>(p.out) + t * p.out_row_stride;
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
-    const int64_t c = col0 + e;
-    if (c >= p.hidden) break;
-    out[c] = __nv_fp8_e4m3(acc[e] / s);  // round to nearest even, saturating to +-448
+    if (col0 + e >= p.hidden) break;
+    out[col0 + e] = codes[e];
   }
   if (lane == 0) p.out_scales[t * p.out_scale_stride_t + block * p.out_scale_stride_block] = s;
 }
@@ -390,8 +428,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
   if (!c.is_vector) return;
   const float s = fmaxf(amax, p.amax_floor) / kE4m3Max;
   Pack<__nv_fp8_e4m3, VEC> codes;
-#pragma unroll
-  for (int e = 0; e < VEC; ++e) codes.v[e] = __nv_fp8_e4m3(acc[e] / s);  // as the warp kernel
+  quantize_e4m3<VEC>(acc, s, codes.v);
   *reinterpret_cast<Pack<__nv_fp8_e4m3, VEC>*>(static_cast<__nv_fp8_e4m3*>(p.out) +
                                                c.t * p.out_row_stride + c.col) = codes;
   if (c.col % kScaleBlock == 0)

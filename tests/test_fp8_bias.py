@@ -14,9 +14,10 @@ OUT_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 FP8_TOL = {**TOLERANCES, torch.float32: (1e-4, 1e-5)}  # fp32 sums of fmas vs separate mul/add
 # (T, K, H): H < 128, odd, partial last block, exactly one block, several blocks.
 # T=300, 1030 and 4100 take the CUDA launch variants chosen by T (rows per batch, load
-# flavour, streaming block order and register bound).
+# flavour, streaming block order and register bound), at K=2, 4 and 8.
 SHAPES = [(0, 4, 256), (1, 1, 1), (7, 3, 100), (13, 8, 301), (5, 2, 128), (33, 8, 1040),
-          (4, 65, 257), (300, 8, 512), (1030, 8, 272), (4100, 4, 2064), (4100, 2, 1040)]
+          (4, 65, 257), (300, 8, 512), (1030, 8, 272), (4100, 4, 2064), (4100, 2, 1040),
+          (4100, 2, 256), (4100, 4, 160)]
 
 
 def blocks(hidden: int) -> int:
@@ -163,12 +164,15 @@ class Problem:
         return sub
 
 
+# K=2: the 2-rows-in-flight streaming kernel at T=4100.
+@pytest.mark.parametrize("hidden,top_k", [(1040, 8), (1024, 2)])
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
-def test_fp8_batch_invariance_bitwise(device, bias):
+def test_fp8_batch_invariance_bitwise(device, bias, hidden, top_k):
     def run(pr):
         return mf.finalize(pr.case.input, pr.case.row_map, pr.case.weights,
                            input_scales=pr.scales, bias=pr.bias, expert_ids=pr.experts)
-    batch_invariance(device, run, lambda t: Problem(device, t, bias=bias))
+    batch_invariance(device, run,
+                     lambda t: Problem(device, t, hidden=hidden, top_k=top_k, bias=bias))
     pr = Problem(device, 64)
     assert torch.equal(run(pr), run(pr)), "not bitwise reproducible run to run"
 
@@ -281,6 +285,30 @@ def test_fp8_out_matches_reference(device, input_kind, shape):
                                                        input_scales=scales))
 
 
+# H=4096: the vector kernel; H=300: the warp-per-block kernel (a partial last block). Magnitudes
+# 1e-25 and 1e25 give scales outside [2^-60, 2^60], where the CUDA kernels divide in full.
+# scale=-1 gives -0 values (from +0 sums).
+@pytest.mark.parametrize("hidden", [4096, 300])
+@pytest.mark.parametrize("magnitude", [1.0, 1e-25, 1e25])
+@pytest.mark.parametrize("scale", [1.0, -1.0])
+def test_fp8_out_codes_are_the_rounded_quotient_bitwise(device, hidden, magnitude, scale):
+    """Each code is e4m3(RN_fp32(value / block scale)), bit for bit, on fresh values whose
+    quotients fall everywhere between e4m3 codes (K=1, no weights: value = scale * (input + 0))."""
+    num_tokens = 2048
+    x = (torch.randn(num_tokens, hidden, device=device) * magnitude
+         * torch.rand(num_tokens, 1, device=device).add_(0.01)).to(torch.bfloat16)
+    x[:, :7] = torch.tensor([0.0, -0.0, 1.0, -1.0, 0.5, 3.0, -2.0]) * magnitude
+    out, out_scales = mf.finalize_fp8(x, top_k=1, scale=scale, amax_floor=1e-30)
+    value = scale * (x.float() + 0.0)  # the fp32 sum starts at +0: -0 inputs sum to +0
+    padded = torch.nn.functional.pad(value.abs(), (0, -hidden % 128))
+    amax = padded.view(num_tokens, -1, 128).amax(dim=2)
+    # A tensor divisor: torch divides by a CUDA scalar as a multiply by its reciprocal.
+    scales = torch.clamp_min(amax, 1e-30) / torch.full_like(amax, 448)
+    assert torch.equal(out_scales, scales)
+    want = (value / scales.repeat_interleave(128, dim=1)[:, :hidden]).to(FP8)
+    assert torch.equal(out.view(torch.uint8), want.view(torch.uint8))
+
+
 @pytest.mark.parametrize("hidden", [300, 1040])  # warp-per-block kernel, vector kernel
 def test_fp8_out_zero_blocks_residual_bias_transposed_scales(device, hidden):
     num_tokens = 9
@@ -308,14 +336,15 @@ def test_fp8_out_zero_blocks_residual_bias_transposed_scales(device, hidden):
 
 
 # H=300: the warp-per-block kernel (no 16-column vectors); H=1040: the vector kernel, whose last
-# scale block is partial (16 columns).
-@pytest.mark.parametrize("hidden", [300, 1040])
+# scale block is partial (16 columns); K=2: its 2-rows-in-flight streaming build at T=4100.
+@pytest.mark.parametrize("hidden,top_k", [(300, 8), (1040, 8), (1024, 2)])
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
-def test_fp8_out_batch_invariance_bitwise(device, bias, hidden):
+def test_fp8_out_batch_invariance_bitwise(device, bias, hidden, top_k):
     def run(pr):
         return mf.finalize_fp8(pr.case.input, pr.case.row_map, pr.case.weights,
                                input_scales=pr.scales, bias=pr.bias, expert_ids=pr.experts)
-    batch_invariance(device, run, lambda t: Problem(device, t, hidden=hidden, bias=bias))
+    batch_invariance(device, run,
+                     lambda t: Problem(device, t, hidden=hidden, top_k=top_k, bias=bias))
 
 
 # ---- contract: opcheck, compile, bad input -----------------------------------------------------

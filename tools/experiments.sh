@@ -24,7 +24,7 @@ if has ncu; then
 fi
 if has variants; then
   SHAPES=${SHAPES:-1,8,4096 128,8,4096 256,8,4096 512,8,4096 1024,8,4096 4096,8,4096 16384,8,4096 1024,2,4096 16384,2,4096}
-  ARGS="$(printf -- '--shape %s ' $SHAPES) ${FP8_ROWS---fp8} --impls ^(triton|triton_fp8|ours_pdl|ours_fp8|ours_fp8_out)$ --graph-windows 3"
+  ARGS="$(printf -- '--shape %s ' $SHAPES) ${FP8_ROWS---fp8} --impls ${IMPLS:-^(triton|triton_fp8|ours_pdl|ours_fp8|ours_fp8_out)$} --graph-windows 3"
   OUT=$OUT/v TAIL=40 timeout ${VTIMEOUT:-300} bash tools/variants.sh "$ARGS" ${VARIANTS:-ref} > $OUT/variants.log 2>&1
   echo "variants rc=$?"
   python3 - <<'PY'
@@ -42,6 +42,7 @@ if has backward; then
     echo "=== backward variant $name"
     PYTHONPATH=$dir python3 benchmarks/bench_backward.py --out-dir "$OUT/bw_$name" ${BW_ARGS:-} 2>&1 | tail -${BW_TAIL:-40}
   done
+  if [[ ${BW_NCU:-1} == 1 ]]; then  # BW_NCU=0 skips the profile
   timeout 120 ncu --section SpeedOfLight --section Occupancy --section LaunchStats -k regex:'grad_input|count_row|fill|elementwise' \
     python3 - > "$OUT/ncu_backward.txt" 2>&1 <<'PY'
 import torch, moe_finalize_plugin  # noqa: F401  (registers the ops)
@@ -56,6 +57,7 @@ torch.cuda.synchronize()
 PY
   echo "ncu backward rc=$?"
   grep -E "^  [a-zA-Z_].*\(|Duration|DRAM Throughput|Registers Per|Achieved Occupancy" "$OUT/ncu_backward.txt" | cut -c1-140
+  fi
 fi
 if has kernels; then
   python3 - <<'PY'

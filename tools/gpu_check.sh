@@ -2,7 +2,8 @@
 # One device call: GPU tests, compute-sanitizer on hostile maps, the kernel benchmark, Nsight
 # Compute of ours vs the peers. Runs from the repo root on the lent GPU machine with the carried
 # prebuilt _C.abi3.so.
-# Usage: bash tools/gpu_check.sh [tests|sanitize|bench|ncu|all]...   (results under $OUT)
+# Usage: bash tools/gpu_check.sh [tests|sanitize|bench|ncu|all]...   (results under $OUT;
+# SANITIZE_TOOLS="memcheck" runs one compute-sanitizer tool)
 # The committed H100 run: BENCH_ARGS="--fp8 --compile-budget-s 100 --graph-windows 3" \
 #   bash tools/gpu_check.sh bench ncu
 set -uo pipefail
@@ -20,7 +21,7 @@ if has tests; then
     2>&1 | tee "$OUT/gpu_tests.log" | tail -25 || status=1
 fi
 if has sanitize; then
-  for tool in memcheck racecheck; do
+  for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool $tool --error-exitcode 1 \
       python3 tools/hostile_maps.py > "$OUT/sanitizer_$tool.log" 2>&1
     rc=$?; echo "compute-sanitizer $tool rc=$rc: $(tail -2 "$OUT/sanitizer_$tool.log" | tr '\n' ' ')"

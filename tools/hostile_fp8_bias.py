@@ -79,6 +79,7 @@ if __name__ == "__main__":
             (64, 1030, 8, 256, None),  # T >= 1024: L1-allocating loads
             (64, 4100, 4, 264, None),  # T >= 4096: streaming (1-D grid, 56 registers), tail
             (64, 4100, 2, 256, None),  # the same with K=2 (40 registers)
+            (64, 4100, 2, 1040, 1056),  # K=2 streaming: padded rows, 16-column scalar tail
         ]:
             for with_bias in (True, False):
                 run_case(rows, tokens, k, hidden, fill, stride, with_bias=with_bias)
