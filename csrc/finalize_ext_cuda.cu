@@ -80,19 +80,25 @@ __device__ __forceinline__ SlotOf<kBias, kCommonSlots> read_slot(const FinalizeP
 
 // W elements as exact fp32 values. e4m3 pairs go through the hardware e4m3x2 -> f16x2
 // conversion (sm_89+; emulated, still exact, on older cards) and f16 -> f32, which is exact.
+// The pairs are taken as the halves of 32-bit words: assembling each from its two bytes took
+// 5 instructions per pair (H100 SASS), a fifth of the K=2 kernels' instructions.
 template <typename T, int W>
 __device__ __forceinline__ void widen(const Pack<T, W>& pack, float* out) {
-  if constexpr (std::is_same_v<T, __nv_fp8_e4m3> && W % 2 == 0) {
+  if constexpr (std::is_same_v<T, __nv_fp8_e4m3> && W % 4 == 0) {
+    uint32_t words[W / 4];
+    memcpy(words, &pack, sizeof words);
 #pragma unroll
-    for (int e = 0; e < W; e += 2) {
-      __nv_fp8x2_storage_t pair;
-      memcpy(&pair, &pack.v[e], sizeof pair);
-      const __half2_raw raw = __nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3);
-      __half2 h;
-      memcpy(&h, &raw, sizeof h);
-      const float2 f = __half22float2(h);
-      out[e] = f.x;
-      out[e + 1] = f.y;
+    for (int i = 0; i < W / 4; ++i) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const auto pair = static_cast<__nv_fp8x2_storage_t>(words[i] >> (16 * half));
+        const __half2_raw raw = __nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3);
+        __half2 h;
+        memcpy(&h, &raw, sizeof h);
+        const float2 f = __half22float2(h);
+        out[4 * i + 2 * half] = f.x;
+        out[4 * i + 2 * half + 1] = f.y;
+      }
     }
   } else {
 #pragma unroll
@@ -322,12 +328,36 @@ __device__ __forceinline__ void quantize_e4m3(const float* x, float s, __nv_fp8_
 // reduces the block's amax, writes the scale, then the e4m3 codes.
 constexpr int kWarpsPerBlock = 4;
 
-__device__ __forceinline__ float load_float(const void* base, ScalarType dtype, int64_t offset) {
-  switch (dtype) {
-    case ScalarType::Float: return static_cast<const float*>(base)[offset];
+// acc[e] = fp32 value of output element t, col + e (e < n): residual (bf16, fp16 or fp32) plus
+// scale * acc, or scale * acc without one. The residual dtype is switched on once, not per element
+// (per element it cost a branch each in the K=2 kernel's SASS).
+template <typename T, int W>
+__device__ __forceinline__ void add_residual(const T* row, float scale, float* acc, int n) {
+#pragma unroll
+  for (int e = 0; e < W; ++e) {
+    if (e < n) acc[e] = fmaf(scale, acc[e], Elem<T>::load(row[e]));
+  }
+}
+
+template <int W>
+__device__ __forceinline__ void output_values(const FinalizeProblem& p, int64_t t, int64_t col,
+                                              float* acc, int n = W) {
+  if (p.residual == nullptr) {
+#pragma unroll
+    for (int e = 0; e < W; ++e) acc[e] = p.scale * acc[e];
+    return;
+  }
+  const int64_t offset = t * p.residual_row_stride + col;
+  switch (p.residual_dtype) {
+    case ScalarType::Float:
+      add_residual<float, W>(static_cast<const float*>(p.residual) + offset, p.scale, acc, n);
+      break;
     case ScalarType::BFloat16:
-      return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[offset]);
-    default: return __half2float(static_cast<const __half*>(base)[offset]);
+      add_residual<__nv_bfloat16, W>(static_cast<const __nv_bfloat16*>(p.residual) + offset,
+                                     p.scale, acc, n);
+      break;
+    default:
+      add_residual<__half, W>(static_cast<const __half*>(p.residual) + offset, p.scale, acc, n);
   }
 }
 
@@ -361,16 +391,12 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
         }
       });
 
+  const int n = col0 + 4 <= p.hidden ? 4 : static_cast<int>(std::max<int64_t>(p.hidden - col0, 0));
+  output_values<4>(p, t, col0, acc, n);
   float amax = 0.0f;
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
-    const int64_t c = col0 + e;
-    if (c >= p.hidden) break;
-    acc[e] = p.residual != nullptr
-                 ? fmaf(p.scale, acc[e],
-                        load_float(p.residual, p.residual_dtype, t * p.residual_row_stride + c))
-                 : p.scale * acc[e];
-    amax = fmaxf(amax, fabsf(acc[e]));
+    if (e < n) amax = fmaxf(amax, fabsf(acc[e]));
   }
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2)
@@ -412,15 +438,9 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
 
   float amax = 0.0f;
   if (c.is_vector) {
+    output_values<VEC>(p, c.t, c.col, acc);
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      acc[e] = p.residual != nullptr
-                   ? fmaf(p.scale, acc[e],
-                          load_float(p.residual, p.residual_dtype,
-                                     c.t * p.residual_row_stride + c.col + e))
-                   : p.scale * acc[e];
-      amax = fmaxf(amax, fabsf(acc[e]));
-    }
+    for (int e = 0; e < VEC; ++e) amax = fmaxf(amax, fabsf(acc[e]));
   }
 #pragma unroll
   for (int offset = kScaleBlock / VEC / 2; offset > 0; offset /= 2)
