@@ -646,7 +646,8 @@ def run_metadata(device: torch.device, copy_mb: int) -> dict[str, Any]:
         "triton": None,
         "python": platform.python_version(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_rev": _git_rev(),
+        "git_rev": _git_rev(),  # the checkout's HEAD; binary_rev: what the binary was built from
+        "binary_rev": _binary_rev(),
         "copy_mb": copy_mb,
     }
     if triton_peer.AVAILABLE:
@@ -672,6 +673,14 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return "CPU " + (platform.processor() or platform.machine())
+
+
+def _binary_rev() -> str | None:
+    try:
+        import moe_finalize_plugin
+        return str(moe_finalize_plugin.build_info()["source_rev"])
+    except Exception:  # noqa: BLE001  (no binary, or one built before it recorded its source)
+        return None
 
 
 def _git_rev() -> str | None:

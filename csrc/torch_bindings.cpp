@@ -6,6 +6,7 @@
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
 
+#include <cstdio>
 #include <optional>
 
 #include "checks.h"
@@ -202,6 +203,20 @@ extern "C" __attribute__((visibility("default"))) const char* moe_finalize_build
 #else
   return "cpu";
 #endif
+}
+
+// The commit this binary was built from (setup.py passes it as hex digits and a dirty bit):
+// "4a4f841", "4a4f841-dirty" for uncommitted changes, "unknown" without git.
+#ifndef MOE_FINALIZE_SOURCE_REV
+#define MOE_FINALIZE_SOURCE_REV 0
+#define MOE_FINALIZE_SOURCE_DIRTY 0
+#endif
+extern "C" __attribute__((visibility("default"))) const char* moe_finalize_source_rev() {
+  static char text[32];
+  const unsigned long long rev = MOE_FINALIZE_SOURCE_REV;
+  if (rev == 0) return "unknown";
+  std::snprintf(text, sizeof text, "%07llx%s", rev, MOE_FINALIZE_SOURCE_DIRTY ? "-dirty" : "");
+  return text;
 }
 
 // An importable module, so `import moe_finalize_plugin._C` loads the library and its ops.

@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     info = build_info()
-    print(f"moe_finalize_plugin: kernels={'+'.join(info['kernels'])}, {info['abi']}")
+    print(f"moe_finalize_plugin: kernels={'+'.join(info['kernels'])}, built from "
+          f"{info['source_rev']}, {info['abi']}")
     print(f"torch {torch.__version__}; devices: {', '.join(devices())}")
     if torch.cuda.is_available():
         print(f"GPU: {torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})")

@@ -203,10 +203,15 @@ def set_pdl(enabled: bool) -> bool:
 
 
 def build_info() -> dict[str, object]:
-    """What this binary holds: its device kernels and the stable-ABI target."""
-    info = _LIBRARY.moe_finalize_build_info
-    info.restype = ctypes.c_char_p
-    return {"kernels": info().decode().split(","), "abi": "libtorch stable ABI (torch>=2.11), abi3"}
+    """What this binary holds: its device kernels, the stable-ABI target and the commit it was
+    built from (``-dirty`` for uncommitted changes, ``unknown`` without git)."""
+    kernels = _LIBRARY.moe_finalize_build_info
+    kernels.restype = ctypes.c_char_p
+    source_rev = _LIBRARY.moe_finalize_source_rev
+    source_rev.restype = ctypes.c_char_p
+    return {"kernels": kernels().decode().split(","),
+            "abi": "libtorch stable ABI (torch>=2.11), abi3",
+            "source_rev": source_rev().decode()}
 
 
 # ---- fake (meta) implementations: shape/dtype rules of csrc/checks.cpp -------------------------

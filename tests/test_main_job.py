@@ -1,5 +1,6 @@
 """The `moe-finalize` main job and the small run-time switches of the public API."""
 
+import re
 import subprocess
 import sys
 
@@ -17,10 +18,11 @@ def test_main_job_checks_every_device_and_benchmarks():
     assert "speed-up" in result.stdout  # the benchmark table was printed
 
 
-def test_build_info_names_the_kernels():
+def test_build_info_names_the_kernels_and_source():
     info = mf.build_info()
     assert "cpu" in info["kernels"]
     assert "stable ABI" in info["abi"]
+    assert re.fullmatch(r"[0-9a-f]{7,}(-dirty)?|unknown", info["source_rev"]), info["source_rev"]
 
 
 def test_set_pdl_toggles_and_reports_previous():
