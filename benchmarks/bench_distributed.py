@@ -313,6 +313,7 @@ def run_rank(rank: int, world: int, args: argparse.Namespace, init_method: str) 
         "K": args.top_k, "dtype": args.dtype, "l2_bytes": l2_bytes,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": socket.gethostname(),
+        "binary_rev": mfp.build_info()["source_rev"],  # the commit the binary was built from
     }
     rows, fused_info = [], {}
     for hidden in args.hidden:

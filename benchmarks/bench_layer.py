@@ -355,6 +355,8 @@ def run_meta(device: str, dtype_name: str, quick: bool) -> dict[str, Any]:
     import torch
     import transformers
 
+    import moe_finalize_plugin
+
     card = torch.cuda.get_device_name() if device == "cuda" else f"cpu {platform.processor() or platform.machine()}"
     try:
         commit = subprocess.run(
@@ -371,6 +373,7 @@ def run_meta(device: str, dtype_name: str, quick: bool) -> dict[str, Any]:
         transformers=transformers.__version__,
         python=platform.python_version(),
         commit=commit,
+        binary_rev=moe_finalize_plugin.build_info()["source_rev"],  # what the binary was built from
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
 

@@ -207,11 +207,12 @@ def build_info() -> dict[str, object]:
     built from (``-dirty`` for uncommitted changes, ``unknown`` without git)."""
     kernels = _LIBRARY.moe_finalize_build_info
     kernels.restype = ctypes.c_char_p
-    source_rev = _LIBRARY.moe_finalize_source_rev
-    source_rev.restype = ctypes.c_char_p
+    source_rev = getattr(_LIBRARY, "moe_finalize_source_rev", None)  # absent before fff0720
+    if source_rev is not None:
+        source_rev.restype = ctypes.c_char_p
     return {"kernels": kernels().decode().split(","),
             "abi": "libtorch stable ABI (torch>=2.11), abi3",
-            "source_rev": source_rev().decode()}
+            "source_rev": source_rev().decode() if source_rev is not None else "unknown"}
 
 
 # ---- fake (meta) implementations: shape/dtype rules of csrc/checks.cpp -------------------------
