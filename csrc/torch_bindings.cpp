@@ -8,6 +8,7 @@
 
 #include <cstdio>
 #include <optional>
+#include <string>
 
 #include "checks.h"
 #include "finalize.h"
@@ -212,11 +213,15 @@ extern "C" __attribute__((visibility("default"))) const char* moe_finalize_build
 #define MOE_FINALIZE_SOURCE_DIRTY 0
 #endif
 extern "C" __attribute__((visibility("default"))) const char* moe_finalize_source_rev() {
-  static char text[32];
-  const unsigned long long rev = MOE_FINALIZE_SOURCE_REV;
-  if (rev == 0) return "unknown";
-  std::snprintf(text, sizeof text, "%07llx%s", rev, MOE_FINALIZE_SOURCE_DIRTY ? "-dirty" : "");
-  return text;
+  static const std::string text = [] {  // formatted once; a function-local static is thread-safe
+    const unsigned long long rev = MOE_FINALIZE_SOURCE_REV;
+    if (rev == 0) return std::string("unknown");
+    char buffer[32];
+    std::snprintf(buffer, sizeof buffer, "%07llx%s", rev,
+                  MOE_FINALIZE_SOURCE_DIRTY ? "-dirty" : "");
+    return std::string(buffer);
+  }();
+  return text.c_str();
 }
 
 // An importable module, so `import moe_finalize_plugin._C` loads the library and its ops.

@@ -207,7 +207,9 @@ def build_info() -> dict[str, object]:
     built from (``-dirty`` for uncommitted changes, ``unknown`` without git)."""
     kernels = _LIBRARY.moe_finalize_build_info
     kernels.restype = ctypes.c_char_p
-    source_rev = getattr(_LIBRARY, "moe_finalize_source_rev", None)  # absent before fff0720
+    # Absent from binaries built before fff0720, which tools/variants.sh still runs under this
+    # package.
+    source_rev = getattr(_LIBRARY, "moe_finalize_source_rev", None)
     if source_rev is not None:
         source_rev.restype = ctypes.c_char_p
     return {"kernels": kernels().decode().split(","),

@@ -173,7 +173,7 @@ def test_fp8_batch_invariance_bitwise(device, bias, hidden, top_k):
                            input_scales=pr.scales, bias=pr.bias, expert_ids=pr.experts)
     batch_invariance(device, run,
                      lambda t: Problem(device, t, hidden=hidden, top_k=top_k, bias=bias))
-    pr = Problem(device, 64)
+    pr = Problem(device, 64, hidden=hidden, top_k=top_k, bias=bias)
     assert torch.equal(run(pr), run(pr)), "not bitwise reproducible run to run"
 
 

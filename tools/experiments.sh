@@ -1,10 +1,12 @@
 # One device call for kernel experiments (STEPS="tests ncu variants", default variants):
 #   tests    pytest $TESTS (default tests/test_fp8_bias.py) on the carried main build
 #   ncu      Inductor's generated code, then tools/gpu_check.sh ncu (ours / Triton / Inductor)
-#   variants tools/variants.sh over $VARIANTS on the key shapes, all JSON merged into
-#            $OUT/variants.json (few files come back from the device)
+#   variants tools/variants.sh over $VARIANTS on $SHAPES (T,K,H) for the implementations $IMPLS
+#            (a regex), all JSON merged into $OUT/variants.json (few files come back from the
+#            device; tools/variant_table.py prints it)
 #   backward benchmarks/bench_backward.py for each of $VARIANTS (BW_ARGS: its arguments), then
-#            Nsight Compute of the carried build's grad_input kernels at K=8 T=16384
+#            Nsight Compute of the carried build's grad_input kernels at K=8 T=16384 (BW_NCU=0
+#            skips it)
 #   kernels  the CUDA kernels one eager call launches (torch.profiler), bf16 and FP8 at T=1
 # Variants are prebuilt here (e.g. NVCC_APPEND_FLAGS="-D..." or another source state, each
 # build's _C.abi3.so copied to .carry/<name>.so) and packed: tar czf carry_variants.tar.gz -C .carry .
@@ -42,9 +44,9 @@ if has backward; then
     echo "=== backward variant $name"
     PYTHONPATH=$dir python3 benchmarks/bench_backward.py --out-dir "$OUT/bw_$name" ${BW_ARGS:-} 2>&1 | tail -${BW_TAIL:-40}
   done
-  if [[ ${BW_NCU:-1} == 1 ]]; then  # BW_NCU=0 skips the profile
-  timeout 120 ncu --section SpeedOfLight --section Occupancy --section LaunchStats -k regex:'grad_input|count_row|fill|elementwise' \
-    python3 - > "$OUT/ncu_backward.txt" 2>&1 <<'PY'
+  if [[ ${BW_NCU:-1} == 1 ]]; then
+    timeout 120 ncu --section SpeedOfLight --section Occupancy --section LaunchStats -k regex:'grad_input|count_row|fill|elementwise' \
+      python3 - > "$OUT/ncu_backward.txt" 2>&1 <<'PY'
 import torch, moe_finalize_plugin  # noqa: F401  (registers the ops)
 T, K, H = 16384, 8, 4096
 g = torch.randn(T, H, device="cuda").bfloat16()
@@ -55,8 +57,8 @@ torch.ops.moe_finalize.finalize_grad_input(g, x, m, w, top_k=None, scale=1.0)
 x.fill_(0.5)
 torch.cuda.synchronize()
 PY
-  echo "ncu backward rc=$?"
-  grep -E "^  [a-zA-Z_].*\(|Duration|DRAM Throughput|Registers Per|Achieved Occupancy" "$OUT/ncu_backward.txt" | cut -c1-140
+    echo "ncu backward rc=$?"
+    grep -E "^  [a-zA-Z_].*\(|Duration|DRAM Throughput|Registers Per|Achieved Occupancy" "$OUT/ncu_backward.txt" | cut -c1-140
   fi
 fi
 if has kernels; then
