@@ -26,6 +26,7 @@ _LIBRARY = ctypes.CDLL(_C.__file__)
 # only for the eager no-grad path (torch.compile must see the overloads).
 _FINALIZE_RAW = _FINALIZE._op
 _FINALIZE_OUT_RAW = _FINALIZE_OUT._op
+_FINALIZE_FP8_OUT_RAW = _FINALIZE_FP8_OUT._op
 
 
 def finalize(
@@ -87,29 +88,17 @@ def finalize(
     if out is not None and out_dtype is not None and out_dtype != out.dtype:
         raise RuntimeError(f"finalize: out_dtype ({out_dtype}) differs from out's dtype "
                            f"({out.dtype}); with out=, out decides")
-    if _skip_autograd(input, weights, residual, bias):
-        # Nothing needs a gradient: go straight to the device kernel. The Autograd kernel would
-        # only redispatch, through Python, at several microseconds per call. This branch is the
-        # eager hot path: each keyword argument costs schema parsing, so only non-defaults go.
-        kwargs = {}
-        if top_k is not None:
-            kwargs["top_k"] = top_k
-        if residual is not None:
-            kwargs["residual"] = residual
-        if scale != 1.0:
-            kwargs["scale"] = scale
-        if input_scales is not None:
-            kwargs["input_scales"] = input_scales
-        if bias is not None or expert_ids is not None:
-            kwargs["bias"] = bias
-            kwargs["expert_ids"] = expert_ids
-        with _BELOW_AUTOGRAD():
-            if out is None:
-                if out_dtype is not None:
-                    kwargs["out_dtype"] = out_dtype
-                return _FINALIZE_RAW(input, row_map, weights, **kwargs)
-            _FINALIZE_OUT_RAW(out, input, row_map, weights, **kwargs)
-            return out
+    if not _is_compiling():  # torch.compile must see the overloads below
+        # Eager hot path: straight to the device kernel when nothing needs a gradient (the
+        # Python Autograd kernel would only redispatch, at several microseconds per call).
+        # Inference mode already excludes the Autograd key, so there no guard is entered.
+        if _inference_mode():
+            return _call_kernel(out, input, row_map, weights, top_k, residual, scale,
+                                input_scales, out_dtype, bias, expert_ids)
+        if not _grad_enabled() or not _any_requires_grad(input, weights, residual, bias):
+            with _BELOW_AUTOGRAD():
+                return _call_kernel(out, input, row_map, weights, top_k, residual, scale,
+                                    input_scales, out_dtype, bias, expert_ids)
     extras = dict(input_scales=input_scales, bias=bias, expert_ids=expert_ids)
     if out is None:
         return _FINALIZE(input, row_map, weights, top_k=top_k, residual=residual, scale=scale,
@@ -158,25 +147,69 @@ def finalize_fp8(
         out = input.new_empty((num_tokens, hidden), dtype=torch.float8_e4m3fn)
     if out_scales is None:
         out_scales = input.new_empty((num_tokens, -(-hidden // SCALE_BLOCK)), dtype=torch.float32)
-    _FINALIZE_FP8_OUT(out, out_scales, input, row_map, weights, top_k=top_k, residual=residual,
-                      scale=scale, input_scales=input_scales, bias=bias, expert_ids=expert_ids,
-                      amax_floor=amax_floor)
+    if _is_compiling():  # torch.compile must see the overload
+        _FINALIZE_FP8_OUT(out, out_scales, input, row_map, weights, top_k=top_k,
+                          residual=residual, scale=scale, input_scales=input_scales, bias=bias,
+                          expert_ids=expert_ids, amax_floor=amax_floor)
+        return out, out_scales
+    # Eager: nothing needs a gradient (refused above), so the op runs below the Autograd key,
+    # as finalize's hot path does.
+    kwargs = _non_default_kwargs(top_k, residual, scale, input_scales, bias, expert_ids)
+    kwargs["amax_floor"] = amax_floor
+    if _inference_mode():
+        _FINALIZE_FP8_OUT_RAW(out, out_scales, input, row_map, weights, **kwargs)
+    else:
+        with _BELOW_AUTOGRAD():
+            _FINALIZE_FP8_OUT_RAW(out, out_scales, input, row_map, weights, **kwargs)
     return out, out_scales
 
 
 _BELOW_AUTOGRAD = torch._C._AutoDispatchBelowAutograd
 _is_compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled
+_inference_mode = torch.is_inference_mode_enabled
 
 
-def _skip_autograd(input: Tensor, weights: Optional[Tensor], residual: Optional[Tensor],
-                   bias: Optional[Tensor] = None) -> bool:
-    if _is_compiling():  # let the compiler see the plain op
-        return False
-    return not _grad_enabled() or not (
-        input.requires_grad or (weights is not None and weights.requires_grad)
-        or (residual is not None and residual.requires_grad)
-        or (bias is not None and bias.requires_grad))
+def _any_requires_grad(input: Tensor, weights: Optional[Tensor], residual: Optional[Tensor],
+                       bias: Optional[Tensor]) -> bool:
+    return (input.requires_grad or (weights is not None and weights.requires_grad)
+            or (residual is not None and residual.requires_grad)
+            or (bias is not None and bias.requires_grad))
+
+
+def _call_kernel(out: Optional[Tensor], input: Tensor, row_map: Optional[Tensor],
+                 weights: Optional[Tensor], top_k: Optional[int], residual: Optional[Tensor],
+                 scale: float, input_scales: Optional[Tensor], out_dtype: Optional[torch.dtype],
+                 bias: Optional[Tensor], expert_ids: Optional[Tensor]) -> Tensor:
+    """`finalize`'s op through its dispatcher entry point (the caller has taken care of
+    autograd)."""
+    kwargs = _non_default_kwargs(top_k, residual, scale, input_scales, bias, expert_ids)
+    if out is None:
+        if out_dtype is not None:
+            kwargs["out_dtype"] = out_dtype
+        return _FINALIZE_RAW(input, row_map, weights, **kwargs)
+    _FINALIZE_OUT_RAW(out, input, row_map, weights, **kwargs)
+    return out
+
+
+def _non_default_kwargs(top_k: Optional[int], residual: Optional[Tensor], scale: float,
+                        input_scales: Optional[Tensor], bias: Optional[Tensor],
+                        expert_ids: Optional[Tensor]) -> dict:
+    """The keyword arguments that differ from the schema's defaults: each one passed costs
+    schema parsing on the eager hot path."""
+    kwargs = {}
+    if top_k is not None:
+        kwargs["top_k"] = top_k
+    if residual is not None:
+        kwargs["residual"] = residual
+    if scale != 1.0:
+        kwargs["scale"] = scale
+    if input_scales is not None:
+        kwargs["input_scales"] = input_scales
+    if bias is not None or expert_ids is not None:
+        kwargs["bias"] = bias
+        kwargs["expert_ids"] = expert_ids
+    return kwargs
 
 
 def validate_row_map(row_map: Tensor, num_rows: int) -> None:

@@ -1,5 +1,7 @@
 """The op contract beyond the numbers: bad input, opcheck, torch.compile, autograd."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -195,6 +197,28 @@ def test_autograd_bf16_weights_only(device):
     reference.finalize(case.input, case.row_map, w_ref).float().sum().backward()
     assert w.grad.dtype == torch.bfloat16
     torch.testing.assert_close(w.grad.float(), w_ref.grad.float(), atol=0.1, rtol=2e-2)
+
+
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "inference_mode"])
+def test_eager_dispatch_modes(device, mode):
+    """The wrapper's three eager paths (autograd; below the Autograd key; inference mode, where
+    the key is already excluded) give the reference result, functional and out=, and only the
+    autograd path records a graph."""
+    case = make_case(device, torch.float32, 6, 4, 40, residual=True, scale=0.9, extra_rows=3)
+    x = case.input.detach().clone().requires_grad_(mode == "grad")
+    ref = reference.finalize(case.input, case.row_map, case.weights, residual=case.residual,
+                             scale=case.scale)
+    context = {"grad": contextlib.nullcontext, "no_grad": torch.no_grad,
+               "inference_mode": torch.inference_mode}[mode]
+    with context():
+        y = mf.finalize(x, case.row_map, case.weights, residual=case.residual, scale=case.scale)
+        out = poisoned(6, 40, x)
+        returned = mf.finalize(x.detach(), case.row_map, case.weights, residual=case.residual,
+                               scale=case.scale, out=out)
+    assert returned is out
+    assert y.requires_grad == (mode == "grad")
+    torch.testing.assert_close(y.detach(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_out_variant_refuses_grad(device):

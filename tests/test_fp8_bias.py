@@ -285,6 +285,21 @@ def test_fp8_out_matches_reference(device, input_kind, shape):
                                                        input_scales=scales))
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_fp8_out_eager_dispatch_modes(device, mode):
+    """finalize_fp8's eager paths (below the Autograd key; inference mode, where the key is
+    already excluded) give the same bits as the default grad-mode call, amax_floor included."""
+    case, scales = fp8_case(device, 5, 4, 300)
+    case.input[:, :128] = 0  # an all-zero block: its scale is amax_floor / 448
+    kwargs = dict(input_scales=scales, scale=0.5, amax_floor=1e-3)
+    want = mf.finalize_fp8(case.input, case.row_map, case.weights, **kwargs)
+    with {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[mode]():
+        got = mf.finalize_fp8(case.input, case.row_map, case.weights, **kwargs)
+    assert torch.equal(bits(got[0]), bits(want[0])) and torch.equal(got[1], want[1])
+    floor_scale = torch.tensor(1e-3) / torch.tensor(448.0)  # in fp32, as the kernels divide
+    assert (got[1][:, 0].cpu() == floor_scale).all()
+
+
 # H=4096: the vector kernel; H=300: the warp-per-block kernel (a partial last block). Magnitudes
 # 1e-25 and 1e25 give scales outside [2^-60, 2^60], where the CUDA kernels divide in full.
 # scale=-1 gives -0 values (from +0 sums).
