@@ -420,8 +420,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
   auto* out = static_cast<__nv_fp8_e4m3*>(p.out) + t * p.out_row_stride;
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
-    if (col0 + e >= p.hidden) break;
-    out[col0 + e] = codes[e];
+    if (e < n) out[col0 + e] = codes[e];
   }
   if (lane == 0) p.out_scales[t * p.out_scale_stride_t + block * p.out_scale_stride_block] = s;
 }
