@@ -129,6 +129,37 @@ __device__ __forceinline__ float load_weight(const FinalizeProblem& p, int64_t t
   }
 }
 
+// Pulls the map entry and weight of this lane's slot (t, lane) into L2, for lanes < top_k. Meant
+// to run before wait_for_upstream(), while the upstream grid still runs: the map is rarely
+// written by the kernel right before finalize, and when it is, the load after the wait still
+// sees that write, because L2 is where global memory is coherent and an L2 prefetch fills
+// nothing nearer the SM. The slot reads after the wait then start from L2, not DRAM.
+template <bool kCommonSlots = false>
+__device__ __forceinline__ void prefetch_slot(const FinalizeProblem& p, int64_t t) {
+  const int lane = threadIdx.x % 32;
+  if (lane >= p.top_k) return;
+  const char* map = nullptr;
+  const char* weight = nullptr;
+  if constexpr (kCommonSlots) {
+    map = reinterpret_cast<const char*>(static_cast<const int32_t*>(p.row_map) +
+                                        t * p.map_stride_t + lane);
+    weight = reinterpret_cast<const char*>(static_cast<const float*>(p.weights) +
+                                           t * p.weight_stride_t + lane);
+  } else {
+    if (p.row_map != nullptr) {
+      map = static_cast<const char*>(p.row_map) +
+            (t * p.map_stride_t + lane * p.map_stride_k) * (p.map_is_int64 ? 8 : 4);
+    }
+    if (p.weights != nullptr) {
+      weight = static_cast<const char*>(p.weights) +
+               (t * p.weight_stride_t + lane * p.weight_stride_k) *
+                   (p.weight_dtype == ScalarType::Float ? 4 : 2);
+    }
+  }
+  if (map != nullptr) asm volatile("prefetch.global.L2 [%0];" ::"l"(map));
+  if (weight != nullptr) asm volatile("prefetch.global.L2 [%0];" ::"l"(weight));
+}
+
 template <bool kCommonSlots = false>
 __device__ __forceinline__ int64_t load_row(const FinalizeProblem& p, int64_t t, int64_t k) {
   if constexpr (kCommonSlots) {
@@ -350,7 +381,8 @@ void with_slot_format(const FinalizeProblem& p, Launch&& launch) {
 }
 
 // Launches on the current stream of `device`, as a programmatic dependent launch where enabled.
-// Every kernel launched this way calls wait_for_upstream() before its first global read.
+// Every kernel launched this way calls wait_for_upstream() before its first global load (only
+// prefetch_slot's L2 prefetches may come before it).
 template <typename... KernelParams, typename... Args>
 void launch_kernel(void (*kernel)(KernelParams...), dim3 grid, dim3 block, int device,
                    Args&&... args) {

@@ -288,6 +288,11 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
   // VEC divides 128, so a vector never straddles two scale blocks.
   const int64_t scale_block_off = (c.col / kScaleBlock) * p.scale_stride_block;
 
+  // The slots' map entries and weights go to L2 while the upstream grid still runs. Measured on
+  // H100 (benchmarks/NOTES.md "Session 7"): FP8 at K >= 4 4-10% faster at T=16, 1.5-3% at
+  // T=128-256. The G=2 (K <= 2) kernels and the bf16 kernel gained nothing or lost up to 3%,
+  // so they skip it.
+  if constexpr (G >= 4) prefetch_slot<kCommonSlots>(p, c.t);
   wait_for_upstream();  // input, scales, map, weights, bias and residual may be fresh
   let_downstream_launch();
 
@@ -384,6 +389,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
   const int64_t scale_block_off = block * p.scale_stride_block;
   const bool whole = kVec4 && col0 + 4 <= p.hidden;
 
+  prefetch_slot(p, t);
   wait_for_upstream();
   let_downstream_launch();
   if (block >= num_blocks) return;  // the whole warp: no shuffle waits for it
@@ -439,6 +445,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
   const int64_t block = c.col / kScaleBlock;
   const int64_t scale_block_off = block * p.scale_stride_block;
 
+  if constexpr (G >= 4) prefetch_slot<kCommonSlots>(p, c.t);  // see finalize_ext_kernel
   wait_for_upstream();
   let_downstream_launch();
 
