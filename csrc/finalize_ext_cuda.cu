@@ -289,7 +289,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
   const int64_t scale_block_off = (c.col / kScaleBlock) * p.scale_stride_block;
 
   // The slots' map entries and weights go to L2 while the upstream grid still runs. Measured on
-  // H100 (benchmarks/NOTES.md "Session 7"): FP8 at K >= 4 4-10% faster at T=16, 1.5-3% at
+  // H100 (benchmarks/NOTES.md "Session 7"): FP8 at K >= 4 5-10% faster at T=16, 2-4% at
   // T=128-256. The G=2 (K <= 2) kernels and the bf16 kernel gained nothing or lost up to 3%,
   // so they skip it.
   if constexpr (G >= 4) prefetch_slot<kCommonSlots>(p, c.t);
