@@ -290,8 +290,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
 
   // The slots' map entries and weights go to L2 while the upstream grid still runs. Measured on
   // H100 (benchmarks/NOTES.md "Session 7"): FP8 at K >= 4 5-10% faster at T=16, 2-4% at
-  // T=128-256. The G=2 (K <= 2) kernels and the bf16 kernel gained nothing or lost up to 3%,
-  // so they skip it.
+  // T=128-256. The G=2 (K <= 2) kernels gained nothing or lost up to 3%, so they skip it.
   if constexpr (G >= 4) prefetch_slot<kCommonSlots>(p, c.t);
   wait_for_upstream();  // input, scales, map, weights, bias and residual may be fresh
   let_downstream_launch();
