@@ -388,7 +388,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
   const int64_t scale_block_off = block * p.scale_stride_block;
   const bool whole = kVec4 && col0 + 4 <= p.hidden;
 
-  prefetch_slot(p, t);
+  prefetch_slot(p, t);  // kMaxRowsInFlight (8) rows in flight: see finalize_ext_kernel
   wait_for_upstream();
   let_downstream_launch();
   if (block >= num_blocks) return;  // the whole warp: no shuffle waits for it
