@@ -14,10 +14,12 @@ OUT_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 FP8_TOL = {**TOLERANCES, torch.float32: (1e-4, 1e-5)}  # fp32 sums of fmas vs separate mul/add
 # (T, K, H): H < 128, odd, partial last block, exactly one block, several blocks.
 # T=300, 1030 and 4100 take the CUDA launch variants chosen by T (rows per batch, load
-# flavour, streaming block order and register bound), at K=2, 4 and 8.
+# flavour, streaming block order and register bound), at K=2, 3, 4, 8 and 40 (more slots than
+# a warp holds).
 SHAPES = [(0, 4, 256), (1, 1, 1), (7, 3, 100), (13, 8, 301), (5, 2, 128), (33, 8, 1040),
           (4, 65, 257), (300, 8, 512), (1030, 8, 272), (4100, 4, 2064), (4100, 2, 1040),
-          (4100, 2, 256), (4100, 4, 160)]
+          (4100, 2, 256), (4100, 4, 160), (4099, 8, 512), (4097, 3, 1024), (4097, 40, 64),
+          (4100, 4, 264)]
 
 
 def blocks(hidden: int) -> int:
@@ -92,19 +94,23 @@ def test_fp8_input_matches_reference(device, out_dtype, shape):
                                   out_dtype=out_dtype))
 
 
+# T=4100: the streaming launch reads every map and scale layout too.
+@pytest.mark.parametrize("num_tokens,hidden", [(19, 520), (4100, 512)])
 @pytest.mark.parametrize("scales_layout", ["row", "contiguous", "transposed", "strided"])
 @pytest.mark.parametrize("layout", ["token_major", "k_major", "none"])
-def test_fp8_scale_and_map_layouts(device, layout, scales_layout):
-    case, scales = fp8_case(device, 19, 4, 520, layout, per_block=scales_layout != "row",
-                            scales_layout=scales_layout, residual=False)
+def test_fp8_scale_and_map_layouts(device, layout, scales_layout, num_tokens, hidden):
+    case, scales = fp8_case(device, num_tokens, 4, hidden, layout,
+                            per_block=scales_layout != "row", scales_layout=scales_layout,
+                            residual=False)
     out = mf.finalize(case.input, case.row_map, case.weights, input_scales=scales)
     check(out, reference.finalize(case.input, case.row_map, case.weights, input_scales=scales))
 
 
+# T=4100: the streaming launch with residual, scale, padded rows and a strided out.
+@pytest.mark.parametrize("num_tokens,hidden", [(11, 300), (4100, 304)])
 @pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=str)
-def test_fp8_out_variant_out_decides(device, out_dtype):
+def test_fp8_out_variant_out_decides(device, out_dtype, num_tokens, hidden):
     """Residual in the output dtype, scale, padded input rows, a strided out (maybe residual)."""
-    num_tokens, hidden = 11, 300
     case, scales = fp8_case(device, num_tokens, 8, hidden, scale=2.5, padded_rows=16)
     residual = torch.randn(num_tokens, hidden, device=device).to(out_dtype)
     buffer = poisoned(num_tokens, hidden + 24, residual)
