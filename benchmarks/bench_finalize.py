@@ -646,7 +646,7 @@ def run_metadata(device: torch.device, copy_mb: int) -> dict[str, Any]:
         "triton": None,
         "python": platform.python_version(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_rev": _git_rev(),  # the checkout's HEAD; binary_rev: what the binary was built from
+        "git_rev": git_rev(),  # the checkout's HEAD; binary_rev: what the binary was built from
         "binary_rev": _binary_rev(),
         "copy_mb": copy_mb,
     }
@@ -683,7 +683,8 @@ def _binary_rev() -> str | None:
     return str(moe_finalize_plugin.build_info()["source_rev"])
 
 
-def _git_rev() -> str | None:
+def git_rev() -> str | None:
+    """Short commit of the checkout the benchmark runs from (None outside git)."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                              text=True, timeout=5)

@@ -47,7 +47,6 @@ import json
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -358,12 +357,8 @@ def run_meta(device: str, dtype_name: str, quick: bool) -> dict[str, Any]:
     import moe_finalize_plugin
 
     card = torch.cuda.get_device_name() if device == "cuda" else f"cpu {platform.processor() or platform.machine()}"
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
+    from bench_finalize import git_rev  # a sibling script: benchmarks/ is on sys.path
+
     return dict(
         card=card,
         device=device,
@@ -372,7 +367,7 @@ def run_meta(device: str, dtype_name: str, quick: bool) -> dict[str, Any]:
         torch=torch.__version__,
         transformers=transformers.__version__,
         python=platform.python_version(),
-        commit=commit,
+        commit=git_rev(),
         binary_rev=moe_finalize_plugin.build_info()["source_rev"],  # what the binary was built from
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
