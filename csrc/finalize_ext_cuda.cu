@@ -226,27 +226,81 @@ __device__ __forceinline__ void accumulate_token(float* acc, const FinalizeProbl
   }
 }
 
+// One chunk (16 bytes or less) of out[t, col..col+C): round(residual + scale * acc).
+template <typename TOut, int C>
+__device__ __forceinline__ Pack<TOut, C> output_chunk(const FinalizeProblem& p, int64_t t,
+                                                      int64_t col, const float* acc) {
+  Pack<TOut, C> result;
+  if (p.residual != nullptr) {
+    // Plain (coherent) load: residual may be `out` itself.
+    const Pack<TOut, C> res = *reinterpret_cast<const Pack<TOut, C>*>(
+        static_cast<const TOut*>(p.residual) + t * p.residual_row_stride + col);
+#pragma unroll
+    for (int e = 0; e < C; ++e)
+      result.v[e] = Elem<TOut>::store(fmaf(p.scale, acc[e], Elem<TOut>::load(res.v[e])));
+  } else {
+#pragma unroll
+    for (int e = 0; e < C; ++e) result.v[e] = Elem<TOut>::store(p.scale * acc[e]);
+  }
+  return result;
+}
+
+template <typename TOut, int C>
+__device__ __forceinline__ void store_chunk(const FinalizeProblem& p, int64_t t, int64_t col,
+                                            const Pack<TOut, C>& chunk) {
+  *reinterpret_cast<Pack<TOut, C>*>(static_cast<TOut*>(p.out) + t * p.out_row_stride + col) =
+      chunk;
+}
+
 // out[t, col..col+W) = round(residual + scale * acc), in accesses of at most 16 bytes.
 template <typename TOut, int W>
 __device__ __forceinline__ void store(const FinalizeProblem& p, int64_t t, int64_t col,
                                       const float* acc) {
   constexpr int C = W * sizeof(TOut) >= 16 ? 16 / static_cast<int>(sizeof(TOut)) : W;
 #pragma unroll
-  for (int c = 0; c < W / C; ++c) {
-    Pack<TOut, C> result;
-    if (p.residual != nullptr) {
-      // Plain (coherent) load: residual may be `out` itself.
-      const Pack<TOut, C> res = *reinterpret_cast<const Pack<TOut, C>*>(
-          static_cast<const TOut*>(p.residual) + t * p.residual_row_stride + col + c * C);
+  for (int c = 0; c < W / C; ++c)
+    store_chunk<TOut, C>(p, t, col + c * C, output_chunk<TOut, C>(p, t, col + c * C, acc + c * C));
+}
+
+// The vector store of a thread whose VEC results are two 16-byte halves (e4m3 in, 16-bit out:
+// 32 bytes per lane, 1 KB per warp). Stored per lane, each of the warp's two store instructions
+// writes half of every one of 32 sectors (Nsight Compute, K=2 T=16384: twice the L2 write
+// sectors of the bf16 kernel, L2 at 91% of its peak while DRAM is at 76%). Where the whole warp
+// holds vectors of one row, lanes exchange halves with shuffles instead, so that the first
+// instruction writes the warp's first 512 bytes, lane j at 16 j (half j % 2 of lane j / 2), and
+// the second the next 512. Measured on H100 (benchmarks/NOTES.md "Session 8"): FP8 Mixtral
+// T=16384 98.2 -> 96.0 us, T=1024 8.2 -> 8.0 us, 0.3-1.2% elsewhere. Same values as store();
+// every lane of the warp must call this.
+template <typename TOut, int VEC>
+__device__ __forceinline__ void store_warp_rows(const FinalizeProblem& p, const Columns& c,
+                                                const float* acc) {
+  constexpr int C = VEC / 2;
+  static_assert(C * sizeof(TOut) == 16, "two 16-byte halves per lane");
+  if (!__all_sync(0xffffffffu, c.is_vector)) {
+    if (c.is_vector) store<TOut, VEC>(p, c.t, c.col, acc);
+    return;
+  }
+  const Pack<TOut, C> h0 = output_chunk<TOut, C>(p, c.t, c.col, acc);
+  const Pack<TOut, C> h1 = output_chunk<TOut, C>(p, c.t, c.col + C, acc + C);
+  uint32_t w0[4], w1[4];
+  memcpy(w0, &h0, sizeof w0);
+  memcpy(w1, &h1, sizeof w1);
+  const int lane = threadIdx.x % 32;
+  const bool second = lane & 1;  // this lane writes the second half of its source's 32 bytes
+  const int64_t warp_col = c.col - static_cast<int64_t>(lane) * VEC;
 #pragma unroll
-      for (int e = 0; e < C; ++e)
-        result.v[e] = Elem<TOut>::store(fmaf(p.scale, acc[c * C + e], Elem<TOut>::load(res.v[e])));
-    } else {
+  for (int part = 0; part < 2; ++part) {
+    const int src = part * 16 + lane / 2;
+    uint32_t out_words[4];
 #pragma unroll
-      for (int e = 0; e < C; ++e) result.v[e] = Elem<TOut>::store(p.scale * acc[c * C + e]);
+    for (int w = 0; w < 4; ++w) {
+      const uint32_t a = __shfl_sync(0xffffffffu, w0[w], src);
+      const uint32_t b = __shfl_sync(0xffffffffu, w1[w], src);
+      out_words[w] = second ? b : a;
     }
-    *reinterpret_cast<Pack<TOut, C>*>(static_cast<TOut*>(p.out) + t * p.out_row_stride + col +
-                                      c * C) = result;
+    Pack<TOut, C> chunk;
+    memcpy(&chunk, out_words, sizeof chunk);
+    store_chunk<TOut, C>(p, c.t, warp_col + (part * 32 + lane) * C, chunk);
   }
 }
 
@@ -301,11 +355,12 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
   accumulate_token<TIn, VEC, G, kBias, kL1Allocate, kCommonSlots, true>(acc, p, c,
                                                                       scale_block_off);
 
-  if (c.is_vector) {
+  if constexpr (VEC * sizeof(TOut) == 32) {
+    store_warp_rows<TOut, VEC>(p, c, acc);
+  } else if (c.is_vector) {
     store<TOut, VEC>(p, c.t, c.col, acc);
-  } else if (c.is_tail) {
-    store<TOut, 1>(p, c.t, c.col, acc);
   }
+  if (c.is_tail) store<TOut, 1>(p, c.t, c.col, acc);
 }
 
 // codes[e] = e4m3(x[e] / s) for e < W, s > 0 the block's scale: the quotient rounded to fp32,
