@@ -172,6 +172,18 @@ def test_markdown_tables_from_committed_results():
         assert f"**{one['graph_us']:.2f}**" in row
 
 
+
+def test_markdown_tables_of_an_fp8_only_run():
+    """An --only-fp8 run (the committed FP8 file) gives the two FP8 tables and no empty bf16 one."""
+    import plot_results
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks/results/nvidia-h100-80gb-hbm3-fp8.json"
+    text = plot_results.markdown_tables(json.loads(path.read_text()))
+    tables = [t for t in text.split("\n\n") if t.startswith("|")]
+    assert len(tables) == 2
+    assert "triton_fp8" in tables[0].splitlines()[0] and "ours_fp8_out" in tables[1].splitlines()[0]
+    assert all(len(t.splitlines()) > 2 for t in tables)
+
 PEER_CHECK = textwrap.dedent(r"""
     import sys, torch
     sys.path[:0] = [{bench!r}, {repo!r}]
