@@ -95,6 +95,45 @@ __device__ __forceinline__ Pack<T, W> load_stream(const T* ptr, bool valid) {
   return out;
 }
 
+// ---- the output row ------------------------------------------------------------------------
+
+// One chunk (16 bytes or less) of out[t, col..col+C): round(residual + scale * acc).
+template <typename TOut, int C>
+__device__ __forceinline__ Pack<TOut, C> output_chunk(const FinalizeProblem& p, int64_t t,
+                                                      int64_t col, const float* acc) {
+  Pack<TOut, C> result;
+  if (p.residual != nullptr) {
+    // Plain (coherent) load: residual may be `out` itself.
+    const Pack<TOut, C> res = *reinterpret_cast<const Pack<TOut, C>*>(
+        static_cast<const TOut*>(p.residual) + t * p.residual_row_stride + col);
+#pragma unroll
+    for (int e = 0; e < C; ++e)
+      result.v[e] = Elem<TOut>::store(fmaf(p.scale, acc[e], Elem<TOut>::load(res.v[e])));
+  } else {
+#pragma unroll
+    for (int e = 0; e < C; ++e) result.v[e] = Elem<TOut>::store(p.scale * acc[e]);
+  }
+  return result;
+}
+
+template <typename TOut, int C>
+__device__ __forceinline__ void store_chunk(const FinalizeProblem& p, int64_t t, int64_t col,
+                                            const Pack<TOut, C>& chunk) {
+  *reinterpret_cast<Pack<TOut, C>*>(static_cast<TOut*>(p.out) + t * p.out_row_stride + col) =
+      chunk;
+}
+
+// out[t, col..col+W) = round(residual + scale * acc), in accesses of at most 16 bytes (residual
+// and out of dtype TOut; the host launches W > 1 only where their rows are W-aligned).
+template <typename TOut, int W>
+__device__ __forceinline__ void store_output(const FinalizeProblem& p, int64_t t, int64_t col,
+                                             const float* acc) {
+  constexpr int C = W * sizeof(TOut) >= 16 ? 16 / static_cast<int>(sizeof(TOut)) : W;
+#pragma unroll
+  for (int c = 0; c < W / C; ++c)
+    store_chunk<TOut, C>(p, t, col + c * C, output_chunk<TOut, C>(p, t, col + c * C, acc + c * C));
+}
+
 // ---- programmatic dependent launch (sm_90+) ------------------------------------------------
 
 __device__ __forceinline__ void wait_for_upstream() {

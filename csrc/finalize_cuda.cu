@@ -62,24 +62,6 @@ __device__ __forceinline__ void accumulate_rows(float* acc, const T* col_ptr, co
   }
 }
 
-template <typename T, int W>
-__device__ __forceinline__ void store_result(const FinalizeProblem& p, int64_t t, int64_t col,
-                                             const float* acc) {
-  Pack<T, W> result;
-  if (p.residual != nullptr) {
-    // Plain (coherent) load: residual may be `out` itself.
-    const Pack<T, W> res = *reinterpret_cast<const Pack<T, W>*>(
-        static_cast<const T*>(p.residual) + t * p.residual_row_stride + col);
-#pragma unroll
-    for (int e = 0; e < W; ++e)
-      result.v[e] = Elem<T>::store(fmaf(p.scale, acc[e], Elem<T>::load(res.v[e])));
-  } else {
-#pragma unroll
-    for (int e = 0; e < W; ++e) result.v[e] = Elem<T>::store(p.scale * acc[e]);
-  }
-  *reinterpret_cast<Pack<T, W>*>(static_cast<T*>(p.out) + t * p.out_row_stride + col) = result;
-}
-
 // G: rows in flight per thread (with_rows_in_flight). G=2 is bounded to 32 registers, a full SM.
 // kL1Allocate: with_load_flavour.
 template <typename T, int VEC, int G, bool kL1Allocate, bool kCommonSlots>
@@ -106,9 +88,9 @@ __global__ void __launch_bounds__(kMaxThreads, G == 2 ? 8 : 1)
         }
       });
   if (c.is_vector) {
-    store_result<T, VEC>(p, c.t, c.col, acc);
+    store_output<T, VEC>(p, c.t, c.col, acc);
   } else if (c.is_tail) {
-    store_result<T, 1>(p, c.t, c.col, acc);
+    store_output<T, 1>(p, c.t, c.col, acc);
   }
 }
 

@@ -226,42 +226,6 @@ __device__ __forceinline__ void accumulate_token(float* acc, const FinalizeProbl
   }
 }
 
-// One chunk (16 bytes or less) of out[t, col..col+C): round(residual + scale * acc).
-template <typename TOut, int C>
-__device__ __forceinline__ Pack<TOut, C> output_chunk(const FinalizeProblem& p, int64_t t,
-                                                      int64_t col, const float* acc) {
-  Pack<TOut, C> result;
-  if (p.residual != nullptr) {
-    // Plain (coherent) load: residual may be `out` itself.
-    const Pack<TOut, C> res = *reinterpret_cast<const Pack<TOut, C>*>(
-        static_cast<const TOut*>(p.residual) + t * p.residual_row_stride + col);
-#pragma unroll
-    for (int e = 0; e < C; ++e)
-      result.v[e] = Elem<TOut>::store(fmaf(p.scale, acc[e], Elem<TOut>::load(res.v[e])));
-  } else {
-#pragma unroll
-    for (int e = 0; e < C; ++e) result.v[e] = Elem<TOut>::store(p.scale * acc[e]);
-  }
-  return result;
-}
-
-template <typename TOut, int C>
-__device__ __forceinline__ void store_chunk(const FinalizeProblem& p, int64_t t, int64_t col,
-                                            const Pack<TOut, C>& chunk) {
-  *reinterpret_cast<Pack<TOut, C>*>(static_cast<TOut*>(p.out) + t * p.out_row_stride + col) =
-      chunk;
-}
-
-// out[t, col..col+W) = round(residual + scale * acc), in accesses of at most 16 bytes.
-template <typename TOut, int W>
-__device__ __forceinline__ void store(const FinalizeProblem& p, int64_t t, int64_t col,
-                                      const float* acc) {
-  constexpr int C = W * sizeof(TOut) >= 16 ? 16 / static_cast<int>(sizeof(TOut)) : W;
-#pragma unroll
-  for (int c = 0; c < W / C; ++c)
-    store_chunk<TOut, C>(p, t, col + c * C, output_chunk<TOut, C>(p, t, col + c * C, acc + c * C));
-}
-
 // The vector store of a thread whose VEC results are two 16-byte halves (e4m3 in, 16-bit out:
 // 32 bytes per lane, 1 KB per warp). Stored per lane, each of the warp's two store instructions
 // writes half of every one of 32 sectors (Nsight Compute, K=2 T=16384: twice the L2 write
@@ -269,7 +233,7 @@ __device__ __forceinline__ void store(const FinalizeProblem& p, int64_t t, int64
 // holds vectors of one row, lanes exchange halves with shuffles instead, so that the first
 // instruction writes the warp's first 512 bytes, lane j at 16 j (half j % 2 of lane j / 2), and
 // the second the next 512. Measured on H100 (benchmarks/NOTES.md "Session 8"): FP8 Mixtral
-// T=16384 98.2 -> 96.0 us, T=1024 8.2 -> 8.0 us, 0.3-1.2% elsewhere. Same values as store();
+// T=16384 98.2 -> 96.0 us, T=1024 8.2 -> 8.0 us, 0.3-1.2% elsewhere. Same values as store_output();
 // every lane of the warp must call this.
 template <typename TOut, int VEC>
 __device__ __forceinline__ void store_warp_rows(const FinalizeProblem& p, const Columns& c,
@@ -277,7 +241,7 @@ __device__ __forceinline__ void store_warp_rows(const FinalizeProblem& p, const 
   constexpr int C = VEC / 2;
   static_assert(C * sizeof(TOut) == 16, "two 16-byte halves per lane");
   if (!__all_sync(0xffffffffu, c.is_vector)) {
-    if (c.is_vector) store<TOut, VEC>(p, c.t, c.col, acc);
+    if (c.is_vector) store_output<TOut, VEC>(p, c.t, c.col, acc);
     return;
   }
   const Pack<TOut, C> h0 = output_chunk<TOut, C>(p, c.t, c.col, acc);
@@ -358,9 +322,9 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
   if constexpr (VEC * sizeof(TOut) == 32) {
     store_warp_rows<TOut, VEC>(p, c, acc);
   } else if (c.is_vector) {
-    store<TOut, VEC>(p, c.t, c.col, acc);
+    store_output<TOut, VEC>(p, c.t, c.col, acc);
   }
-  if (c.is_tail) store<TOut, 1>(p, c.t, c.col, acc);
+  if (c.is_tail) store_output<TOut, 1>(p, c.t, c.col, acc);
 }
 
 // codes[e] = e4m3(x[e] / s) for e < W, s > 0 the block's scale: the quotient rounded to fp32,
