@@ -4,10 +4,9 @@
 //   nvcc -O3 -std=c++17 -arch=sm_90a -shared -Xcompiler -fPIC -cudart static \
 //        -o tools/chain_probe.so tools/chain_probe.cu
 // All launchers share one signature (unused pointers may be null):
-//   (input [P, H] bf16, map [T, K] int32, weights [T, K] fp32, out [T, H] bf16,
-//    T, K, H, threads per block, pdl, cudaStream_t as void*)
+//   (input [P, H] bf16, map [T, K] int32, out [T, H] bf16, T, K, H, threads per block, pdl,
+//    cudaStream_t as void*)
 // One thread per 16-byte vector (8 bf16) of a row; grid (T, ceil(H / 8 / threads)).
-#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -17,7 +16,6 @@ namespace {
 struct Args {
   const uint4* input;
   const int32_t* map;
-  const float* weights;
   uint4* out;
   int T, K, vecs;  // vecs: 16-byte vectors per row (H / 8)
 };
@@ -55,7 +53,9 @@ __global__ void store_kernel(Args a) {
   wait_then_release();
   const int64_t v = my_vec();
   const uint32_t one = 0x3F803F80u;  // two bf16 1.0
-  if (v < a.vecs) a.out[blockIdx.x * static_cast<int64_t>(a.vecs) + v] = make_uint4(one, one, one, one);
+  if (v < a.vecs) {
+    a.out[blockIdx.x * static_cast<int64_t>(a.vecs) + v] = make_uint4(one, one, one, one);
+  }
 }
 
 __global__ void copy_kernel(Args a) {
@@ -74,14 +74,14 @@ __global__ void gather1_kernel(Args a) {
   a.out[t * a.vecs + v] = load_row_vec(a.input + row * a.vecs + v, true);
 }
 
-int launch(void (*kernel)(Args), const void* input, const void* map, const void* weights,
-           void* out, int T, int K, int H, int threads, int pdl, void* stream, bool one_block) {
+int launch(void (*kernel)(Args), const void* input, const void* map, void* out, int T, int K,
+           int H, int threads, int pdl, void* stream, bool one_block) {
   if (T < 1 || K < 1 || H < 8 || H % 8 != 0 || threads < 32 || threads % 32 != 0 ||
       threads > 1024) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   const Args a{static_cast<const uint4*>(input), static_cast<const int32_t*>(map),
-               static_cast<const float*>(weights), static_cast<uint4*>(out), T, K, H / 8};
+               static_cast<uint4*>(out), T, K, H / 8};
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = one_block ? dim3(1) : dim3(T, (a.vecs + threads - 1) / threads);
   cfg.blockDim = dim3(one_block ? 32 : threads);
@@ -96,10 +96,10 @@ int launch(void (*kernel)(Args), const void* input, const void* map, const void*
 
 }  // namespace
 
-#define CHAIN_PROBE(NAME, KERNEL, ONE_BLOCK)                                                 \
-  extern "C" int NAME(const void* input, const void* map, const void* weights, void* out,   \
-                      int T, int K, int H, int threads, int pdl, void* stream) {            \
-    return launch(KERNEL, input, map, weights, out, T, K, H, threads, pdl, stream, ONE_BLOCK); \
+#define CHAIN_PROBE(NAME, KERNEL, ONE_BLOCK)                                                   \
+  extern "C" int NAME(const void* input, const void* map, void* out, int T, int K, int H,     \
+                      int threads, int pdl, void* stream) {                                   \
+    return launch(KERNEL, input, map, out, T, K, H, threads, pdl, stream, ONE_BLOCK);          \
   }
 
 CHAIN_PROBE(probe_empty, empty_kernel, true)

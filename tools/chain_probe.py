@@ -66,8 +66,8 @@ def project_threads(T: int, H: int, sm_count: int) -> int:
 
 def load_lib(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
-    for _, fn, _ in PROBES:  # (input, map, weights, out, T, K, H, threads, pdl, stream)
-        getattr(lib, fn).argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5 + [ctypes.c_void_p]
+    for _, fn, _ in PROBES:  # (input, map, out, T, K, H, threads, pdl, stream)
+        getattr(lib, fn).argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 5 + [ctypes.c_void_p]
         getattr(lib, fn).restype = ctypes.c_int
     return lib
 
@@ -79,7 +79,7 @@ def probe_impl(lib: ctypes.CDLL, name: str, fn_name: str, pdl: bool, shape: bf.S
 
     def call(s: bf.InputSet) -> torch.Tensor:
         out = scratch if name == "empty" else s.out
-        rc = fn(s.input.data_ptr(), s.row_map.data_ptr(), s.weights.data_ptr(), out.data_ptr(),
+        rc = fn(s.input.data_ptr(), s.row_map.data_ptr(), out.data_ptr(),
                 shape.T, shape.K, shape.H, threads, int(pdl), torch.cuda.current_stream().cuda_stream)
         if rc != 0:
             raise RuntimeError(f"{name}: launch failed, cudaError {rc}")
