@@ -106,10 +106,11 @@ def test_fp8_scale_and_map_layouts(device, layout, scales_layout, num_tokens, hi
     check(out, reference.finalize(case.input, case.row_map, case.weights, input_scales=scales))
 
 
-# T=4100: the streaming launch with residual, scale, padded rows and a strided out. H=1024 at
-# T=100: whole warps of 16-byte e4m3 vectors, whose bf16 / fp16 results the lanes exchange
-# before storing (store_warp_rows), in place on the residual too.
-@pytest.mark.parametrize("num_tokens,hidden", [(11, 300), (4100, 304), (100, 1024)])
+# T=4100: the streaming launch with residual, scale, padded rows and a strided out. H=1024 and
+# 2880 at T=100: warps of 16-byte e4m3 vectors, whose bf16 / fp16 results the lanes exchange
+# before storing (store_warp_rows), in place on the residual too. At H=2880 (gpt-oss) the row's
+# last warp holds 20 vectors and 12 idle lanes, and its lanes store their own results.
+@pytest.mark.parametrize("num_tokens,hidden", [(11, 300), (4100, 304), (100, 1024), (100, 2880)])
 @pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=str)
 def test_fp8_out_variant_out_decides(device, out_dtype, num_tokens, hidden):
     """Residual in the output dtype, scale, padded input rows, a strided out (maybe residual)."""
