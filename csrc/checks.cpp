@@ -68,8 +68,13 @@ struct Meta {
   bool cuda, cpu;
   int32_t device_index;
 
-  explicit Meta(const Tensor& t)
-      : data(t.data_ptr()), dim(t.dim()), sizes(t.sizes().data()), strides(t.strides().data()) {
+  explicit Meta(const Tensor& t) : data(t.data_ptr()), dim(t.dim()) {
+    // The shim's arrays directly: Tensor::sizes() / strides() would each ask for dim() again.
+    int64_t *sizes_array, *strides_array;
+    STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_sizes(t.get(), &sizes_array));
+    STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_strides(t.get(), &strides_array));
+    sizes = sizes_array;
+    strides = strides_array;
     int32_t code, device_type;
     STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_dtype(t.get(), &code));
     STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_type(t.get(), &device_type));
@@ -372,8 +377,7 @@ FinalizeProblem check_finalize_args(const Tensor& input_tensor,
                       "finalize: out partially overlaps residual (out may be residual itself, "
                       "nothing else)");
     }
-    p.out = out->data;
-    p.out_row_stride = out->stride(0);
+    bind_output(p, *out_tensor);
   }
   return p;
 }
