@@ -55,7 +55,7 @@ class BackwardSet:
 def make_set(T: int, K: int, H: int, device: torch.device, gen: torch.Generator) -> BackwardSet:
     return BackwardSet(
         input=torch.randn(T * K, H, generator=gen, device=device, dtype=torch.bfloat16),
-        row_map=bf._permuted_map(T, K, device, gen),
+        row_map=bf.make_row_map("random", bf.Shape(bf.CUSTOM, T, K, H), device, gen),
         weights=bf._router_weights(T, K, device, gen),
         grad_out=torch.randn(T, H, generator=gen, device=device, dtype=torch.bfloat16),
     )

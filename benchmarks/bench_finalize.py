@@ -6,6 +6,10 @@ For each shape, in one process and on one card:
   one static compile per shape), ``triton`` (the plain Triton kernel of issue 3,
   ``triton_peer.py``), ``ours_pdl`` / ``ours_nopdl`` (``moe_finalize_plugin.finalize``
   with programmatic dependent launch on / off);
+* inputs: the permuted buffer grouped by expert, rows of one expert in token order, as
+  engines' permute steps write it (``--row-map grouped``, the default); ``--row-map random``
+  (a uniformly random permutation: no locality, 0.3-6% slower at T >= 4096 on H100) and
+  ``--row-map contiguous`` (vLLM's token-ordered [T, K, H] buffer) for comparison;
 * correctness first: fresh random inputs (never zeros), outputs poisoned with NaN,
   compared with the fp32-accumulated reference by ||out - ref|| / ||ref||;
 * ``event_us``: median of per-call CUDA-event times, input sets rotated so that the
@@ -21,7 +25,7 @@ Also: host overhead of an eager Python call at T=1 (wall clock, synchronize only
 the ends), and optional FP8 rows (``--fp8``, issue 7) where the installed package and
 Triton support them.
 
-Writes ``<out-dir>/<card-slug>.json`` (a list of records, one per impl and shape, each
+Writes ``<out-dir>/<card-slug>.json`` (``<card-slug>-<map>-map.json`` for another map; a list of records, one per impl and shape, each
 carrying the run metadata) and ``<out-dir>/<card-slug>.png``, then prints a table.
 
     python benchmarks/bench_finalize.py                        # full run on the current GPU
@@ -64,6 +68,7 @@ import triton_peer  # noqa: E402
 # ---------------------------------------------------------------------------------------
 
 SWEEP = "sweep"  # the K=8, H=4096 batch sweep of SPEC.md
+CUSTOM = "custom"  # a --shape given on the command line
 SWEEP_K, SWEEP_H = 8, 4096
 SWEEP_T = (1, 16, 128, 256, 512, 1024, 4096, 8192, 16384)
 MODELS: dict[str, tuple[int, int]] = {  # model -> (K, H)
@@ -73,6 +78,10 @@ MODELS: dict[str, tuple[int, int]] = {  # model -> (K, H)
     "Qwen3-30B-A3B": (8, 2048),
 }
 MODEL_T = (16, 1024, 16384)
+# Routed experts per model (the grouped row map draws each token's K distinct experts from them).
+MODEL_EXPERTS = {"DeepSeek-V3": 256, "Mixtral": 8, "gpt-oss": 128, "Qwen3-30B-A3B": 128}
+DEFAULT_EXPERTS = 128  # the K=8, H=4096 sweep and custom shapes
+ROW_MAPS = ("grouped", "random", "contiguous")
 QUICK_SWEEP_T = (1, 16, 128)
 QUICK_MODEL_T = (16,)
 
@@ -107,6 +116,8 @@ class Shape:
     def label(self) -> str:
         if self.model == SWEEP:
             return f"K{self.K} H{self.H} T={self.T}"
+        if self.model == CUSTOM:
+            return f"K{self.K} H{self.H} T={self.T} (custom)"
         return f"{self.model} T={self.T}"
 
 
@@ -134,7 +145,7 @@ def parse_shape(text: str) -> Shape:
         raise argparse.ArgumentTypeError(f"--shape expects T,K,H (three integers), got {text!r}")
     if t < 1 or k < 1 or h < 1:
         raise argparse.ArgumentTypeError(f"--shape values must be >= 1, got {text!r}")
-    return Shape("custom", t, k, h)
+    return Shape(CUSTOM, t, k, h)
 
 
 def bytes_moved(
@@ -244,8 +255,33 @@ def _router_weights(T: int, K: int, device: torch.device, gen: torch.Generator) 
     return w / w.sum(dim=1, keepdim=True)
 
 
-def _permuted_map(T: int, K: int, device: torch.device, gen: torch.Generator) -> Tensor:
-    """Expert-grouped permuted buffer: a random permutation of the T*K rows, viewed [T, K]."""
+def make_row_map(kind: str, shape: Shape, device: torch.device, gen: torch.Generator,
+                 experts: int | None = None) -> Tensor:
+    """The [T, K] int32 map of the permuted buffer, by how its rows are laid out:
+
+    * grouped (the default): SPEC.md's buffer "grouped by expert", as engines' permute steps
+      lay it out: each token's K distinct experts drawn uniformly from the model's experts,
+      rows grouped by expert and, within an expert, in token order (a stable sort by expert),
+      so consecutive tokens read forward through each expert's segment;
+    * random: a uniformly random permutation of the T*K rows, no locality at all (the stress
+      case, and what sessions 1-9 measured on);
+    * contiguous: row t*K + k, the token-ordered [T, K, H] buffer vLLM's Triton MoE writes.
+    """
+    T, K = shape.T, shape.K
+    if kind == "contiguous":
+        return torch.arange(T * K, device=device, dtype=torch.int32).view(T, K)
+    if kind == "grouped":
+        E = experts or MODEL_EXPERTS.get(shape.model, DEFAULT_EXPERTS)
+        if E < K:
+            raise ValueError(f"--experts {E} is below top-k {K} for {shape.label}")
+        chosen = torch.rand(T, E, generator=gen, device=device).topk(K, dim=1).indices
+        # Stable sort by expert keeps token order within each expert's segment.
+        order = torch.sort(chosen.reshape(-1), stable=True).indices
+        flat = torch.empty(T * K, device=device, dtype=torch.int32)
+        flat[order] = torch.arange(T * K, device=device, dtype=torch.int32)
+        return flat.view(T, K)
+    if kind != "random":
+        raise ValueError(f"row map kind must be one of {ROW_MAPS}, got {kind!r}")
     return torch.randperm(T * K, generator=gen, device=device).to(torch.int32).view(T, K)
 
 
@@ -275,6 +311,8 @@ class Variant:
     out_dtype: torch.dtype
     fp8: bool = False  # e4m3 input with 128-column block scales
     fp8_out: bool = False  # e4m3 output with block scales (finalize_fp8_out); implies fp8
+    row_map: str = "grouped"  # make_row_map's kind
+    experts: int | None = None  # for the grouped map (None: the model's)
 
     def make_set(self, shape: Shape, device: torch.device, gen: torch.Generator) -> InputSet:
         P = shape.T * shape.K
@@ -287,7 +325,7 @@ class Variant:
         nblk = math.ceil(shape.H / FP8_SCALE_BLOCK)
         return InputSet(
             input=x,
-            row_map=_permuted_map(shape.T, shape.K, device, gen),
+            row_map=make_row_map(self.row_map, shape, device, gen, self.experts),
             weights=_router_weights(shape.T, shape.K, device, gen),
             # NaN poison (the e4m3 NaN code for FP8 output)
             out=torch.full((shape.T, shape.H), float("nan"), device=device).to(self.out_dtype),
@@ -900,6 +938,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="benchmark only these shapes (repeatable)")
     p.add_argument("--filter", default=None, help="regex on shape labels, e.g. 'DeepSeek|T=1$'")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--row-map", default="grouped", choices=ROW_MAPS,
+                   help="layout of the permuted buffer's rows (make_row_map)")
+    p.add_argument("--experts", type=int, default=None,
+                   help="experts for --row-map grouped (default: each model's, 128 for the sweep)")
     p.add_argument("--skip-compile", action="store_true", help="drop the torch.compile peer")
     p.add_argument("--compile-budget-s", type=float, default=120.0,
                    help="stop compiling new shapes once compiles took this long in total")
@@ -962,7 +1004,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if mf is not None and hasattr(mf, "build_info"):
         with contextlib.suppress(Exception):
             meta["ours_kernels"] = mf.build_info().get("kernels")
-    stem = cfg.name or (meta["card_slug"] + ("-quick" if cfg.quick else ""))
+    meta["row_map"] = cfg.row_map
+    meta["experts"] = cfg.experts  # None: each model's own (MODEL_EXPERTS) for the grouped map
+    map_suffix = "" if cfg.row_map == "grouped" else f"-{cfg.row_map}-map"
+    stem = cfg.name or (meta["card_slug"] + map_suffix + ("-quick" if cfg.quick else ""))
     shapes = cfg.shape or (quick_shapes() if cfg.quick else spec_shapes())
     if cfg.filter:
         shapes = [s for s in shapes if re.search(cfg.filter, s.label)]
@@ -983,20 +1028,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta["copy_bw_GBps"] = measure_copy_bw(device, cfg.copy_mb << 20, 10 if cfg.quick else 30)
     print(f"copy bandwidth: {meta['copy_bw_GBps']:.1f} GB/s (read+write, {cfg.copy_mb} MiB)", flush=True)
 
+    map_kw = {"row_map": cfg.row_map, "experts": cfg.experts}
     variants = [] if cfg.only_fp8 else [
-        (Variant(str(cfg.dtype), cfg.dtype, cfg.dtype), bf16_impls(mf, reference, device),
+        (Variant(str(cfg.dtype), cfg.dtype, cfg.dtype, **map_kw), bf16_impls(mf, reference, device),
          "triton", OURS_JUDGED)]
     if cfg.fp8 or cfg.only_fp8:
         impls8 = fp8_impls(mf, device)
         if impls8:
-            variants.append((Variant("fp8", torch.float8_e4m3fn, torch.bfloat16, fp8=True), impls8,
+            variants.append((Variant("fp8", torch.float8_e4m3fn, torch.bfloat16, fp8=True, **map_kw), impls8,
                              "triton_fp8", OURS_JUDGED))
         if not any(i.name == "ours_fp8" for i in impls8):
             print("note: --fp8: moe_finalize_plugin has no FP8 input yet; FP8 rows carry peers only")
         impls8_out = fp8_out_impls(mf)
         if impls8_out:
             variants.append((Variant("fp8_out", torch.float8_e4m3fn, torch.float8_e4m3fn, fp8=True,
-                                     fp8_out=True), impls8_out, "triton_fp8_out", OURS_JUDGED))
+                                     fp8_out=True, **map_kw), impls8_out, "triton_fp8_out", OURS_JUDGED))
 
     records: list[dict[str, Any]] = []
     compile_spent = 0.0

@@ -109,8 +109,13 @@ void launch_typed(const FinalizeProblem& p, int device) {
       });
     });
   };
-  // Streaming: 2 rows in flight (32 registers, full occupancy) beat 8 from T=4096 on (H100).
-  if (p.num_tokens >= kStreamMinTokens) {
+  // Streaming: 2 rows in flight (32 registers, full occupancy) beat 8 from T=4096 on (H100,
+  // random maps). On expert-grouped maps 4 beat 2 by 0.2-0.4% where K > 4 (K=8 T=16384 400.9 ->
+  // 399.8 us) and lost 0.7% at K=4 (gpt-oss), hence 4 only above K=4 (benchmarks/NOTES.md
+  // "Session 10").
+  if (p.num_tokens >= kStreamMinTokens && p.top_k > 4) {
+    with_rows_in_flight<4>(p.top_k, launch);
+  } else if (p.num_tokens >= kStreamMinTokens) {
     with_rows_in_flight<2>(p.top_k, launch);
   } else {
     with_rows_in_flight(p.top_k, launch);

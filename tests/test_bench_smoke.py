@@ -226,3 +226,32 @@ def test_triton_peers_match_reference_in_interpreter():
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.startswith("ok")
+
+
+@pytest.mark.parametrize("kind", bf.ROW_MAPS)
+def test_row_maps_are_permutations_of_the_buffer(kind):
+    torch = bf.torch
+    shape = bf.Shape("Mixtral", 300, 2, 64)
+    m = bf.make_row_map(kind, shape, torch.device("cpu"), torch.Generator().manual_seed(1))
+    assert m.shape == (300, 2) and m.dtype == torch.int32
+    assert torch.equal(m.flatten().sort().values, torch.arange(600, dtype=torch.int32))
+
+
+def test_grouped_map_is_grouped_by_expert_in_token_order():
+    """Read in buffer order, the tokens form one increasing run per expert segment: at most
+    E runs (Mixtral: 8 experts), where a random permutation has hundreds."""
+    torch = bf.torch
+    shape = bf.Shape("Mixtral", 300, 2, 64)
+
+    def runs(m):
+        tokens = torch.empty(600, dtype=torch.long)
+        tokens[m.flatten().long()] = torch.arange(300).repeat_interleave(2)
+        return 1 + int((tokens[1:] < tokens[:-1]).sum())
+
+    gen = torch.Generator().manual_seed(2)
+    grouped = bf.make_row_map("grouped", shape, torch.device("cpu"), gen)
+    assert runs(grouped) <= bf.MODEL_EXPERTS["Mixtral"]
+    assert runs(bf.make_row_map("random", shape, torch.device("cpu"), gen)) > 100
+    assert runs(bf.make_row_map("contiguous", shape, torch.device("cpu"), gen)) == 1
+    with pytest.raises(ValueError, match="experts"):
+        bf.make_row_map("grouped", shape, torch.device("cpu"), gen, experts=1)
