@@ -96,10 +96,21 @@ __global__ void __launch_bounds__(kMaxThreads, G == 2 ? 8 : 1)
 
 // ---- host side -----------------------------------------------------------------------------
 
+// With more than 4 slots the streaming launch (4 rows in flight, column-block-fastest) wins
+// from T=2048 on (H100, grouped map: K=8 T=2048 53.1 -> 52.2 us; at T=1024 it is even at
+// H=4096 and 2% slower at K=4, benchmarks/NOTES.md "Session 10").
+constexpr int64_t kStreamMinTokensOver4Slots = 2048;
+static_assert(kStreamMinTokensOver4Slots >= kL1AllocateMinTokens, "streaming reads through L1");
+
+inline bool streams(const FinalizeProblem& p) {
+  return p.num_tokens >= (p.top_k > 4 ? kStreamMinTokensOver4Slots : kStreamMinTokens);
+}
+
 template <typename T, int VEC>
 void launch_typed(const FinalizeProblem& p, int device) {
+  const bool streaming = streams(p);
   const RowLaunch l = row_launch(p.num_tokens, p.hidden, VEC, device_info(device).sm_count,
-                                 p.num_tokens >= kStreamMinTokens);
+                                 streaming);
   auto launch = [&](auto rows_in_flight) {
     with_load_flavour<(VEC > 1)>(p.num_tokens, [&](auto l1_allocate) {
       with_slot_format<(VEC > 1)>(p, [&](auto common_slots) {
@@ -113,9 +124,9 @@ void launch_typed(const FinalizeProblem& p, int device) {
   // random maps). On expert-grouped maps 4 beat 2 by 0.2-0.4% where K > 4 (K=8 T=16384 400.9 ->
   // 399.8 us) and lost 0.7% at K=4 (gpt-oss), hence 4 only above K=4 (benchmarks/NOTES.md
   // "Session 10").
-  if (p.num_tokens >= kStreamMinTokens && p.top_k > 4) {
+  if (streaming && p.top_k > 4) {
     with_rows_in_flight<4>(p.top_k, launch);
-  } else if (p.num_tokens >= kStreamMinTokens) {
+  } else if (streaming) {
     with_rows_in_flight<2>(p.top_k, launch);
   } else {
     with_rows_in_flight(p.top_k, launch);

@@ -25,6 +25,7 @@ SHAPES = [
     (17, 4, 2880),
     (1030, 2, 264),  # CUDA: the L1-allocating launch from T=1024
     (4100, 3, 2056),  # CUDA: the streaming launch from T=4096 (1-D grid of 3 or 5 column blocks)
+    (2050, 6, 520),  # CUDA: with K > 4 the streaming launch starts at T=2048
 ]
 
 
@@ -111,13 +112,13 @@ def test_zero_tokens_returns_empty(device):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_batch_invariance_bitwise(device, dtype):
     """A token's row is bitwise identical whatever T, chunking and launch shape (on CUDA the
-    load flavour changes at T=1024, block order and rows in flight at T=4096; the arithmetic
-    must not)."""
+    load flavour changes at T=1024, block order and rows in flight at T=2048 for K > 4 and at
+    T=4096 otherwise; the arithmetic must not)."""
     num_tokens, top_k, hidden = 4100, 8, 4104  # H % 8 != 0: vector body + scalar tail
     case = make_case(device, dtype, num_tokens, top_k, hidden, residual=True, scale=1.7)
     full = mf.finalize(case.input, case.row_map, case.weights, **case.kwargs())
     for start, stop in [(0, 1), (5, 6), (17, 19), (100, 228), (299, 300), (1099, 1100),
-                        (0, 1024), (4099, 4100)]:
+                        (0, 1024), (0, 2047), (2050, 4098), (4099, 4100)]:
         part = mf.finalize(case.input, case.row_map[start:stop], case.weights[start:stop],
                            residual=case.residual[start:stop], scale=1.7)
         assert torch.equal(part, full[start:stop]), f"tokens {start}:{stop} differ"

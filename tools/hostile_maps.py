@@ -59,6 +59,7 @@ if __name__ == "__main__":
             (1, 1, 1, 1, torch.bfloat16, None),
             (64, 1030, 2, 264, torch.bfloat16, None),  # T >= 1024: L1-allocating loads
             (64, 4100, 8, 264, torch.bfloat16, None),  # T >= 4096: streaming (1-D grid)
+            (64, 2050, 6, 264, torch.bfloat16, None),  # K > 4: streaming from T >= 2048
         ]:
             run_case(rows, tokens, k, hidden, dtype, fill, stride)
     print("hostile maps: all cases match the reference")
