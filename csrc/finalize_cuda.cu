@@ -96,19 +96,20 @@ __global__ void __launch_bounds__(kMaxThreads, G == 2 ? 8 : 1)
 
 // ---- host side -----------------------------------------------------------------------------
 
-// With more than 4 slots the streaming launch (4 rows in flight, column-block-fastest) wins
-// from T=2048 on (H100, grouped map: K=8 T=2048 53.1 -> 52.2 us; at T=1024 it is even at
-// H=4096 and 2% slower at K=4, benchmarks/NOTES.md "Session 10").
-constexpr int64_t kStreamMinTokensOver4Slots = 2048;
-static_assert(kStreamMinTokensOver4Slots >= kL1AllocateMinTokens, "streaming reads through L1");
-
-inline bool streams(const FinalizeProblem& p) {
-  return p.num_tokens >= (p.top_k > 4 ? kStreamMinTokensOver4Slots : kStreamMinTokens);
-}
+// Streaming launches (column-block-fastest, few rows in flight; H100, benchmarks/NOTES.md
+// "Session 10"): 2 rows in flight (32 registers, full occupancy) beat 8 from T=4096 on. With
+// more than kFewSlots slots, 4 rows beat 2 by 0.2-0.4% on expert-grouped maps (K=8 T=16384
+// 400.9 -> 399.8 us; at K=4, gpt-oss, they lost 0.7%), and streaming pays from T=2048 (K=8
+// T=2048 53.1 -> 52.2 us; at T=1024 it is even at H=4096 and 2% slower at K=4).
+constexpr int64_t kFewSlots = 4;
+constexpr int64_t kStreamMinTokensManySlots = 2048;
+static_assert(kStreamMinTokensManySlots >= kL1AllocateMinTokens, "streaming reads through L1");
 
 template <typename T, int VEC>
 void launch_typed(const FinalizeProblem& p, int device) {
-  const bool streaming = streams(p);
+  const bool many_slots = p.top_k > kFewSlots;
+  const bool streaming =
+      p.num_tokens >= (many_slots ? kStreamMinTokensManySlots : kStreamMinTokens);
   const RowLaunch l = row_launch(p.num_tokens, p.hidden, VEC, device_info(device).sm_count,
                                  streaming);
   auto launch = [&](auto rows_in_flight) {
@@ -120,11 +121,7 @@ void launch_typed(const FinalizeProblem& p, int device) {
       });
     });
   };
-  // Streaming: 2 rows in flight (32 registers, full occupancy) beat 8 from T=4096 on (H100,
-  // random maps). On expert-grouped maps 4 beat 2 by 0.2-0.4% where K > 4 (K=8 T=16384 400.9 ->
-  // 399.8 us) and lost 0.7% at K=4 (gpt-oss), hence 4 only above K=4 (benchmarks/NOTES.md
-  // "Session 10").
-  if (streaming && p.top_k > 4) {
+  if (streaming && many_slots) {
     with_rows_in_flight<4>(p.top_k, launch);
   } else if (streaming) {
     with_rows_in_flight<2>(p.top_k, launch);
