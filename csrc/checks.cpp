@@ -57,7 +57,7 @@ int64_t element_size(ScalarType t) {
 
 // What the checks read of one tensor, fetched once per op call. Every stable-ABI accessor is a
 // call into libtorch, and the checks read the same fields many times: perf had the accessors at
-// ~15% of the raw op at T=1, which this took from 2.4-2.5 to 2.0-2.1 us (CPU, benchmarks/NOTES.md
+// ~15% of the raw op at T=1, which this took from 2.4-2.5 to 2.0-2.1 us (CPU, benchmarks/HISTORY.md
 // "Session 9").
 struct Meta {
   void* data;

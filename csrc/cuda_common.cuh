@@ -57,7 +57,7 @@ struct alignas(sizeof(T) * W) Pack {
 // Source rows are read exactly once. Where !valid nothing is read and the pack is zero. One
 // predicated instruction, no branch: with a branch per row the compiler consumed each row
 // inside its branch, which serialised the loads of a batch (measured 1.8x slower on H100).
-// kL1Allocate picks the flavour (measured on H100, benchmarks/NOTES.md): plain, L1-allocating
+// kL1Allocate picks the flavour (measured on H100, benchmarks/HISTORY.md): plain, L1-allocating
 // ld.global streams 1-4% faster at large T; the non-coherent, L1-bypassing
 // ld.global.nc.L1::no_allocate returns sooner at small T (T=1: 2.5 vs 3.6 us). A run-time
 // choice (both loads emitted, one predicated off) kept neither advantage, hence the template.
@@ -152,7 +152,7 @@ __device__ __forceinline__ void let_downstream_launch() {
 // present with k-contiguous rows (vLLM's topk_ids / topk_weights; see common_slots), read
 // without the general case's null / dtype branches and stride multiply. That reader is compiled
 // separately because those branches measured up to 8% of bandwidth at K=2 and 0.3 us at decode
-// (H100, benchmarks/NOTES.md "Session 4").
+// (H100, benchmarks/HISTORY.md "Session 4").
 template <bool kCommonSlots = false>
 __device__ __forceinline__ float load_weight(const FinalizeProblem& p, int64_t t, int64_t k) {
   if constexpr (kCommonSlots) {
@@ -309,7 +309,7 @@ struct RowLaunch {
 };
 
 // From this many tokens on, launches are tuned for streaming (measured on H100,
-// benchmarks/NOTES.md "Session 4"): blocks in column-block-fastest order (a token's whole row is
+// benchmarks/HISTORY.md "Session 4"): blocks in column-block-fastest order (a token's whole row is
 // read and written by neighbouring blocks), bf16 rows 2 in flight per thread, FP8 kernels at
 // 56 registers. Below it those cost 1-6%.
 constexpr int64_t kStreamMinTokens = 4096;

@@ -96,7 +96,7 @@ __global__ void __launch_bounds__(kMaxThreads, G == 2 ? 8 : 1)
 
 // ---- host side -----------------------------------------------------------------------------
 
-// Streaming launches (column-block-fastest, few rows in flight; H100, benchmarks/NOTES.md
+// Streaming launches (column-block-fastest, few rows in flight; H100, benchmarks/HISTORY.md
 // "Session 10"): 2 rows in flight (32 registers, full occupancy) beat 8 from T=4096 on. With
 // more than kFewSlots slots, 4 rows beat 2 by 0.2-0.4% on expert-grouped maps (K=8 T=16384
 // 400.9 -> 399.8 us; at K=4, gpt-oss, they lost 0.7%), and streaming pays from T=2048 (K=8

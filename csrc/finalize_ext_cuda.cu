@@ -232,7 +232,7 @@ __device__ __forceinline__ void accumulate_token(float* acc, const FinalizeProbl
 // sectors of the bf16 kernel, L2 at 91% of its peak while DRAM is at 76%). Where the whole warp
 // holds vectors of one row, lanes exchange halves with shuffles instead, so that the first
 // instruction writes the warp's first 512 bytes, lane j at 16 j (half j % 2 of lane j / 2), and
-// the second the next 512. Measured on H100 (benchmarks/NOTES.md "Session 8"): FP8 Mixtral
+// the second the next 512. Measured on H100 (benchmarks/HISTORY.md "Session 8"): FP8 Mixtral
 // T=16384 98.2 -> 96.0 us, T=1024 8.2 -> 8.0 us, 0.3-1.2% elsewhere. Same values as store_output();
 // every lane of the warp must call this.
 template <typename TOut, int VEC>
@@ -313,7 +313,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
   const int64_t scale_block_off = (c.col / kScaleBlock) * p.scale_stride_block;
 
   // The slots' map entries and weights go to L2 while the upstream grid still runs. Measured on
-  // H100 (benchmarks/NOTES.md "Session 7"): FP8 at K >= 4 5-10% faster at T=16, 2-4% at
+  // H100 (benchmarks/HISTORY.md "Session 7"): FP8 at K >= 4 5-10% faster at T=16, 2-4% at
   // T=128-256. The G=2 (K <= 2) kernels gained nothing or lost up to 3%, so they skip it.
   if constexpr (G >= 4) prefetch_slot<kCommonSlots>(p, c.t);
   wait_for_upstream();  // input, scales, map, weights, bias and residual may be fresh

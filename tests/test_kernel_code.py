@@ -5,7 +5,7 @@ nvcc 13 once compiled the first of the FP8 kernels' two warp-row stores (FP8 inp
 output: lanes exchange halves by shuffles, then each store instruction writes 512 contiguous
 bytes) as 8 + 4 + 4-byte stores in all 44 such kernels. Each part wrote into every sector of
 the warp's span: 1.31x the output's L2 write sectors and 0.7 us at FP8 Mixtral T=16384 on H100
-(benchmarks/NOTES.md "Session 9"). The store is now one st.global.v4 by hand; this test keeps
+(benchmarks/HISTORY.md "Session 9"). The store is now one st.global.v4 by hand; this test keeps
 it, and the bf16 kernel's plain 16-byte stores, whole in every architecture the build holds.
 """
 

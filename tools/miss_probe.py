@@ -38,7 +38,8 @@ TABLE_COLUMNS = {
 
 def print_table(csv_path: str, specs: list[str]) -> None:
     """Markdown rows, two launches per shape (ours, then the peer), in launch order."""
-    lines = [line for line in open(csv_path) if line.startswith('"')]  # drop ==PROF== lines
+    with open(csv_path) as f:
+        lines = [line for line in f if line.startswith('"')]  # drop ==PROF== lines
     launches: dict[int, dict[str, float]] = {}
     for r in csv.DictReader(io.StringIO("".join(lines))):
         if r["Metric Name"] in TABLE_COLUMNS:
