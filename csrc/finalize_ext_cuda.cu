@@ -513,10 +513,11 @@ bool bias_aligned(const FinalizeProblem& p, int vec) {
 constexpr int64_t kFp8HalfBatchMinTokens = 256;
 
 // FP8 input below this many tokens is read in 8-byte vectors (kFp8NarrowVec e4m3 per thread:
-// twice the threads, half the registers and code per thread). Measured on H100: T=16 8% faster
-// (FP8 output 20%), T=1 2% (FP8 output 16%); T=128 1.5% slower, T >= 4096 7-20% slower (the
-// switch point between T=16 and T=128 is not measured finer).
-constexpr int64_t kFp8NarrowMaxTokens = 64;
+// twice the threads, half the registers and code per thread). Measured on H100 (benchmarks/
+// HISTORY.md "Session 11"): T=16 8% faster (FP8 output 20%), T=64-192 1-5% (DeepSeek-V3
+// T=128 7%, FP8 output 9%; FP8 output K=8 H=4096 T=128 3% slower); T=512 4% slower (FP8
+// output 11%), T >= 4096 7-20% slower.
+constexpr int64_t kFp8NarrowMaxTokens = 256;
 constexpr int kFp8NarrowVec = 8;
 
 // Whether a VEC-element TIn kernel moves whole 16-byte vectors: only those choose a load

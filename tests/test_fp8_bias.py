@@ -13,11 +13,11 @@ FP8 = torch.float8_e4m3fn
 OUT_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 FP8_TOL = {**TOLERANCES, torch.float32: (1e-4, 1e-5)}  # fp32 sums of fmas vs separate mul/add
 # (T, K, H): H < 128, odd, partial last block, exactly one block, several blocks.
-# T=300, 1030 and 4100 take the CUDA launch variants chosen by T (rows per batch, load
-# flavour, streaming block order and register bound), at K=2, 3, 4, 8 and 40 (more slots than
-# a warp holds).
+# T=200, 300, 1030 and 4100 take the CUDA launch variants chosen by T (8-byte vectors below
+# T=256, rows per batch, load flavour, streaming block order and register bound), at K=2, 3, 4,
+# 8 and 40 (more slots than a warp holds).
 SHAPES = [(0, 4, 256), (1, 1, 1), (7, 3, 100), (13, 8, 301), (5, 2, 128), (33, 8, 1040),
-          (4, 65, 257), (300, 8, 512), (1030, 8, 272), (4100, 4, 2064), (4100, 2, 1040),
+          (4, 65, 257), (200, 8, 1040), (300, 8, 512), (1030, 8, 272), (4100, 4, 2064), (4100, 2, 1040),
           (4100, 2, 256), (4100, 4, 160), (4099, 8, 512), (4097, 3, 1024), (4097, 40, 64),
           (4100, 4, 264)]
 
@@ -144,12 +144,13 @@ def test_fp8_all_skipped_and_zero_input(device):
 
 def batch_invariance(device, fn, make):
     """Row t of a T=4100 call equals, bitwise, the same token computed in T=1 ... T=1100 calls:
-    the CUDA launch differs across T (rows in flight per batch from T=256, the load flavour
-    from T=1024, block order and register bound from T=4096), the arithmetic must not."""
+    the CUDA launch differs across T (8-byte FP8 vectors below T=256, rows in flight per batch
+    from T=256, the load flavour from T=1024, block order and register bound from T=4096), the
+    arithmetic must not."""
     big = make(4100)
     full = fn(big)
     for rows in (slice(100, 101), slice(0, 33), slice(224, 257), slice(1067, 1100),
-                 slice(0, 1100), slice(4067, 4100)):
+                 slice(0, 255), slice(0, 256), slice(0, 1100), slice(4067, 4100)):
         part = fn(big.subset(rows))
         results = part if isinstance(part, tuple) else (part,)
         expect = full if isinstance(full, tuple) else (full,)

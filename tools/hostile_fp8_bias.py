@@ -70,11 +70,12 @@ FILLS = {
 if __name__ == "__main__":
     for name, fill in FILLS.items():
         for rows, tokens, k, hidden, stride in [
-            (16, 4, 8, 4096, None),    # 16-byte e4m3 vectors
+            (16, 4, 8, 4096, None),    # decode: 8-byte e4m3 vectors
             (5, 3, 2, 4100, None),     # vector body + scalar tail, partial last scale block
             (7, 2, 3, 13, 15),         # scalar path, padded rows, H < 128
             (40, 2, 130, 264, None),   # K > 64: several 32-slot warp chunks
             (1, 1, 1, 1, None),
+            (64, 200, 8, 264, None),   # T < 256: 8-byte e4m3 vectors over many blocks, tail
             (64, 300, 8, 256, None),   # T >= 256: FP8 rows in two batches of 4
             (64, 1030, 8, 256, None),  # T >= 1024: L1-allocating loads
             (64, 4100, 4, 264, None),  # T >= 4096: streaming (1-D grid, 56 registers), tail
