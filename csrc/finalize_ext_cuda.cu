@@ -514,7 +514,7 @@ constexpr int64_t kFp8HalfBatchMinTokens = 256;
 
 // FP8 input below this many tokens is read in 8-byte vectors (kFp8NarrowVec e4m3 per thread:
 // twice the threads, half the registers and code per thread). Measured on H100 (benchmarks/
-// HISTORY.md "Session 11"): T=16 8% faster (FP8 output 20%), T=64-192 1-5% (DeepSeek-V3
+// HISTORY.md "Session 11"): T=16 8% faster (FP8 output 20%), T=64-192 0-5% (DeepSeek-V3
 // T=128 7%, FP8 output 9%; FP8 output K=8 H=4096 T=128 3% slower); T=512 4% slower (FP8
 // output 11%), T >= 4096 7-20% slower.
 constexpr int64_t kFp8NarrowMaxTokens = 256;
