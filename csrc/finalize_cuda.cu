@@ -63,8 +63,11 @@ __device__ __forceinline__ void accumulate_rows(float* acc, const T* col_ptr, co
 }
 
 // G: rows in flight per thread (with_rows_in_flight). G=2 is bounded to 32 registers, a full SM.
-// kL1Allocate: with_load_flavour.
-template <typename T, int VEC, int G, bool kL1Allocate, bool kCommonSlots>
+// kL1Allocate: with_load_flavour. kOneBatch: top_k <= G, read as one batch of slots without
+// for_each_slot_batch's loops, as the FP8 kernels do at K <= 2: 13.5% fewer instructions, 1-3.5%
+// faster at K <= 2 from T=16 to 1024 (H100, benchmarks/HISTORY.md "Session 11"). Only the G=2
+// kernel at K <= 2 takes it (launch_typed).
+template <typename T, int VEC, int G, bool kL1Allocate, bool kCommonSlots, bool kOneBatch>
 __global__ void __launch_bounds__(kMaxThreads, G == 2 ? 8 : 1)
     finalize_kernel(const __grid_constant__ FinalizeProblem p, const RowSplit split) {
   const Columns c = my_columns(split, VEC);
@@ -78,15 +81,25 @@ __global__ void __launch_bounds__(kMaxThreads, G == 2 ? 8 : 1)
 #pragma unroll
   for (int e = 0; e < VEC; ++e) acc[e] = 0.0f;
   const T* col_ptr = static_cast<const T*>(p.input) + c.col;
-  for_each_slot_batch<G, RowSlot>(
-      p.top_k, [&](int64_t k) { return read_slot<kCommonSlots>(p, c.t, k); },
-      [&](const RowSlot* slots, int count) {
-        if (c.is_vector) {
-          accumulate_rows<T, VEC, G, kL1Allocate>(acc, col_ptr, slots, count);
-        } else if (c.is_tail) {
-          accumulate_rows<T, 1, G, false>(acc, col_ptr, slots, count);
-        }
-      });
+  auto read = [&](int64_t k) { return read_slot<kCommonSlots>(p, c.t, k); };
+  auto consume = [&](const RowSlot* slots, int count) {
+    if (c.is_vector) {
+      accumulate_rows<T, VEC, G, kL1Allocate>(acc, col_ptr, slots, count);
+    } else if (c.is_tail) {
+      accumulate_rows<T, 1, G, false>(acc, col_ptr, slots, count);
+    }
+  };
+  if constexpr (kOneBatch) {
+    // The slots for_each_slot_batch would hand out in its one batch: lane i reads slot i.
+    const int lane = threadIdx.x % 32;
+    const RowSlot mine = lane < p.top_k ? read(lane) : RowSlot{};
+    RowSlot slots[G];
+#pragma unroll
+    for (int u = 0; u < G; ++u) slots[u] = mine.from_lane(u);
+    consume(slots, static_cast<int>(p.top_k));
+  } else {
+    for_each_slot_batch<G, RowSlot>(p.top_k, read, consume);
+  }
   if (c.is_vector) {
     store_output<T, VEC>(p, c.t, c.col, acc);
   } else if (c.is_tail) {
@@ -113,11 +126,22 @@ void launch_typed(const FinalizeProblem& p, int device) {
   const RowLaunch l = row_launch(p.num_tokens, p.hidden, VEC, device_info(device).sm_count,
                                  streaming);
   auto launch = [&](auto rows_in_flight) {
+    constexpr int G = decltype(rows_in_flight)::value;
     with_load_flavour<(VEC > 1)>(p.num_tokens, [&](auto l1_allocate) {
       with_slot_format<(VEC > 1)>(p, [&](auto common_slots) {
-        launch_kernel(finalize_kernel<T, VEC, decltype(rows_in_flight)::value, l1_allocate(),
-                                      common_slots()>,
-                      l.grid, l.block, device, p, l.split);
+        auto go = [&](auto one_batch) {
+          launch_kernel(finalize_kernel<T, VEC, G, l1_allocate(), common_slots(), one_batch()>,
+                        l.grid, l.block, device, p, l.split);
+        };
+        // One batch for the G=2 kernel at K <= 2 (streaming also runs K = 3-4 on it, in two
+        // batches); a second instantiation of G=4 / G=8 for K <= G measured mixed (session 7).
+        if constexpr (G == 2) {
+          if (p.top_k <= G) {
+            go(std::true_type{});
+            return;
+          }
+        }
+        go(std::false_type{});
       });
     });
   };

@@ -109,12 +109,13 @@ def test_zero_tokens_returns_empty(device):
     assert out.shape == (0, 64)
 
 
+@pytest.mark.parametrize("top_k", [8, 2])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_batch_invariance_bitwise(device, dtype):
+def test_batch_invariance_bitwise(device, dtype, top_k):
     """A token's row is bitwise identical whatever T, chunking and launch shape (on CUDA the
     load flavour changes at T=1024, block order and rows in flight at T=2048 for K > 4 and at
-    T=4096 otherwise; the arithmetic must not)."""
-    num_tokens, top_k, hidden = 4100, 8, 4104  # H % 8 != 0: vector body + scalar tail
+    T=4096 otherwise, and K <= 2 reads its slots as one batch; the arithmetic must not)."""
+    num_tokens, hidden = 4100, 4104  # H % 8 != 0: vector body + scalar tail
     case = make_case(device, dtype, num_tokens, top_k, hidden, residual=True, scale=1.7)
     full = mf.finalize(case.input, case.row_map, case.weights, **case.kwargs())
     for start, stop in [(0, 1), (5, 6), (17, 19), (100, 228), (299, 300), (1099, 1100),
