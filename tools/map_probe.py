@@ -8,28 +8,16 @@ import sys
 
 import torch
 
-sys.path.insert(0, "benchmarks")
-import bench_finalize as bf  # noqa: E402
-import triton_peer  # noqa: E402
-
-import moe_finalize_plugin as mf  # noqa: E402
+from miss_probe import bf, launch_pair, variant  # tools/ is this script's directory
 
 gen = torch.Generator(device="cuda").manual_seed(0)
 for spec in sys.argv[1:] or ["16384,8,4096"]:
     fp8 = spec.startswith("fp8:")
     T, K, H = (int(v) for v in spec.removeprefix("fp8:").split(","))
-    variant = (bf.Variant("fp8", torch.float8_e4m3fn, torch.bfloat16, fp8=True) if fp8
-               else bf.Variant("bf16", torch.bfloat16, torch.bfloat16))
+    inputs = variant(fp8)
     for kind in bf.ROW_MAPS:
-        variant.row_map = kind
-        s = variant.make_set(bf.Shape(bf.CUSTOM, T, K, H), torch.device("cuda"), gen)
-        torch.cuda.synchronize()
+        inputs.row_map = kind
+        s = inputs.make_set(bf.Shape(bf.CUSTOM, T, K, H), torch.device("cuda"), gen)
         print(f"== {'fp8' if fp8 else 'bf16'} T={T} K={K} H={H} map={kind}", flush=True)
-        if fp8:
-            mf.finalize(s.input, s.row_map, s.weights, input_scales=s.scales, out=s.out)
-            triton_peer.finalize_fp8(s.input, s.scales, s.row_map, s.weights, out=s.out)
-        else:
-            mf.finalize(s.input, s.row_map, s.weights, out=s.out)
-            triton_peer.finalize(s.input, s.row_map, s.weights, out=s.out)
-        torch.cuda.synchronize()
+        launch_pair(s, fp8)
         del s

@@ -20,6 +20,24 @@ import triton_peer  # noqa: E402
 import moe_finalize_plugin as mf  # noqa: E402
 
 
+def variant(fp8: bool) -> bf.Variant:
+    """The benchmark's input: bf16 rows, or e4m3 rows with 128-column block scales."""
+    return (bf.Variant("fp8", torch.float8_e4m3fn, torch.bfloat16, fp8=True) if fp8
+            else bf.Variant("bf16", torch.bfloat16, torch.bfloat16))
+
+
+def launch_pair(s: bf.InputSet, fp8: bool) -> None:
+    """One launch of ours, then one of the Triton peer, on input set s (both write s.out)."""
+    torch.cuda.synchronize()
+    if fp8:
+        mf.finalize(s.input, s.row_map, s.weights, input_scales=s.scales, out=s.out)
+        triton_peer.finalize_fp8(s.input, s.scales, s.row_map, s.weights, out=s.out)
+    else:
+        mf.finalize(s.input, s.row_map, s.weights, out=s.out)
+        triton_peer.finalize(s.input, s.row_map, s.weights, out=s.out)
+    torch.cuda.synchronize()
+
+
 def parse(spec: str) -> tuple[bool, bf.Shape]:
     fp8 = spec.startswith("fp8:")
     model, t = spec.removeprefix("fp8:").rsplit(":", 1)
@@ -61,23 +79,18 @@ def print_table(csv_path: str, specs: list[str]) -> None:
         print(f"| {specs[i // 2]} | {('ours', 'triton')[i % 2]} | " + " | ".join(cells) + " |")
 
 
-if sys.argv[1:2] == ["--table"]:
-    print_table(sys.argv[2], sys.argv[3:])
-    sys.exit(0)
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["--table"]:
+        print_table(argv[1], argv[2:])
+        return
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for spec in argv or ["sweep:512"]:
+        fp8, shape = parse(spec)
+        s = variant(fp8).make_set(shape, torch.device("cuda"), gen)
+        print(f"== {spec}: ours, then triton", flush=True)
+        launch_pair(s, fp8)
+        del s
 
-gen = torch.Generator(device="cuda").manual_seed(0)
-for spec in sys.argv[1:] or ["sweep:512"]:
-    fp8, shape = parse(spec)
-    variant = (bf.Variant("fp8", torch.float8_e4m3fn, torch.bfloat16, fp8=True) if fp8
-               else bf.Variant("bf16", torch.bfloat16, torch.bfloat16))
-    s = variant.make_set(shape, torch.device("cuda"), gen)
-    torch.cuda.synchronize()
-    print(f"== {spec}: ours, then triton", flush=True)
-    if fp8:
-        mf.finalize(s.input, s.row_map, s.weights, input_scales=s.scales, out=s.out)
-        triton_peer.finalize_fp8(s.input, s.scales, s.row_map, s.weights, out=s.out)
-    else:
-        mf.finalize(s.input, s.row_map, s.weights, out=s.out)
-        triton_peer.finalize(s.input, s.row_map, s.weights, out=s.out)
-    torch.cuda.synchronize()
-    del s
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
