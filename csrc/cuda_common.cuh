@@ -399,6 +399,20 @@ __device__ __forceinline__ void for_each_slot_batch(int64_t top_k, Read read, Co
   }
 }
 
+// The one batch for_each_slot_batch would hand out when top_k <= G, without its loops (13.5%
+// fewer instructions in the G=2 kernels; H100, benchmarks/HISTORY.md "Session 11"): lane i
+// reads slot i, shuffles give every lane slots 0..G-1 (Slot{} past top_k), then
+// consume(slots, top_k). Every lane of the warp must call this.
+template <int G, typename Slot, typename Read, typename Consume>
+__device__ __forceinline__ void one_slot_batch(int64_t top_k, Read read, Consume consume) {
+  const int lane = threadIdx.x % 32;
+  const Slot mine = lane < top_k ? read(lane) : Slot{};
+  Slot slots[G];
+#pragma unroll
+  for (int u = 0; u < G; ++u) slots[u] = mine.from_lane(u);
+  consume(slots, static_cast<int>(top_k));
+}
+
 // Whether the map and weights have the common format load_row<true> / load_weight<true> read
 // (with K = 1 the k-stride is never used).
 inline bool common_slots(const FinalizeProblem& p) {

@@ -90,13 +90,7 @@ __global__ void __launch_bounds__(kMaxThreads, G == 2 ? 8 : 1)
     }
   };
   if constexpr (kOneBatch) {
-    // The slots for_each_slot_batch would hand out in its one batch: lane i reads slot i.
-    const int lane = threadIdx.x % 32;
-    const RowSlot mine = lane < p.top_k ? read(lane) : RowSlot{};
-    RowSlot slots[G];
-#pragma unroll
-    for (int u = 0; u < G; ++u) slots[u] = mine.from_lane(u);
-    consume(slots, static_cast<int>(p.top_k));
+    one_slot_batch<G, RowSlot>(p.top_k, read, consume);
   } else {
     for_each_slot_batch<G, RowSlot>(p.top_k, read, consume);
   }
