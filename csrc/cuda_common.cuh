@@ -199,6 +199,35 @@ __device__ __forceinline__ void prefetch_slot(const FinalizeProblem& p, int64_t 
   if (weight != nullptr) asm volatile("prefetch.global.L2 [%0];" ::"l"(weight));
 }
 
+// Whether map entry `row` names one of the input's rows, and the element offset of that row.
+// The FP8 / bias kernels of the common format (kCommonSlots) take both in 32-bit arithmetic,
+// which common_slots allows only where the row count and the row strides fit in int32: one
+// unsigned compare and one 32 x 32 -> 64-bit multiply per slot instead of 64-bit compares and
+// multiplies (5-6 instructions each in the SASS), on the dependent path from the map to the
+// rows. H100 (benchmarks/HISTORY.md "Session 12"): FP8 K=8 T=128 4.01 -> 3.87 us, DeepSeek-V3
+// T=128 5.35 -> 5.12.
+template <bool kCommonSlots>
+__device__ __forceinline__ bool row_in_range(int64_t row, int64_t num_rows) {
+  if constexpr (kCommonSlots) {
+    return static_cast<uint32_t>(row) < static_cast<uint32_t>(num_rows);
+  }
+  return row >= 0 && row < num_rows;
+}
+
+template <bool kCommonSlots>
+__device__ __forceinline__ int64_t row_offset(int64_t row, int64_t stride) {
+  if constexpr (kCommonSlots) {
+    // By hand: from the C++ product of two sign-extended int32, nvcc 13 emitted the 64-bit
+    // multiply (three IMADs).
+    int64_t offset;
+    asm("mul.wide.s32 %0, %1, %2;"
+        : "=l"(offset)
+        : "r"(static_cast<int32_t>(row)), "r"(static_cast<int32_t>(stride)));
+    return offset;
+  }
+  return row * stride;
+}
+
 template <bool kCommonSlots = false>
 __device__ __forceinline__ int64_t load_row(const FinalizeProblem& p, int64_t t, int64_t k) {
   if constexpr (kCommonSlots) {
@@ -413,12 +442,45 @@ __device__ __forceinline__ void one_slot_batch(int64_t top_k, Read read, Consume
   consume(slots, static_cast<int>(top_k));
 }
 
+// The same batch (top_k <= G) with every lane reading all of its slots itself: G map and
+// weight loads per thread, each to one address across the warp, and no shuffles. The slot
+// loads start the dependent chain of a decode call, and without the shuffles the rows' loads
+// start sooner: tools/chain_probe.py --fp8 (H100, benchmarks/HISTORY.md "Session 12") measured
+// 0.1-0.2 us per call at K=8 T=16. Every lane of the warp must call this.
+template <int G, typename Slot, typename Read, typename Consume>
+__device__ __forceinline__ void direct_slot_batch(int64_t top_k, Read read, Consume consume) {
+  Slot slots[G];
+#pragma unroll
+  for (int u = 0; u < G; ++u) slots[u] = u < top_k ? read(u) : Slot{};
+  consume(slots, static_cast<int>(top_k));
+}
+
+// How a kernel reads its token's slots: in batches of G (for_each_slot_batch, any top_k), or
+// as one batch (top_k <= G) through lanes and shuffles (one_slot_batch) or by every lane
+// (direct_slot_batch).
+enum class SlotRead { kBatches, kOneBatch, kDirect };
+
+template <SlotRead kRead, int G, typename Slot, typename Read, typename Consume>
+__device__ __forceinline__ void read_slots(int64_t top_k, Read read, Consume consume) {
+  if constexpr (kRead == SlotRead::kDirect) {
+    direct_slot_batch<G, Slot>(top_k, read, consume);
+  } else if constexpr (kRead == SlotRead::kOneBatch) {
+    one_slot_batch<G, Slot>(top_k, read, consume);
+  } else {
+    for_each_slot_batch<G, Slot>(top_k, read, consume);
+  }
+}
+
 // Whether the map and weights have the common format load_row<true> / load_weight<true> read
-// (with K = 1 the k-stride is never used).
+// (with K = 1 the k-stride is never used), and the row count and row strides fit the 32-bit
+// arithmetic of row_in_range<true> / row_offset<true>.
 inline bool common_slots(const FinalizeProblem& p) {
+  constexpr int64_t kInt32Max = 0x7fffffffLL;
   const bool k_contiguous = p.top_k == 1 || (p.map_stride_k == 1 && p.weight_stride_k == 1);
+  const bool rows_32bit = p.num_rows <= kInt32Max && p.input_row_stride <= kInt32Max &&
+                          p.scale_stride_row <= kInt32Max;
   return p.row_map != nullptr && !p.map_is_int64 && p.weights != nullptr &&
-         p.weight_dtype == ScalarType::Float && k_contiguous;
+         p.weight_dtype == ScalarType::Float && k_contiguous && rows_32bit;
 }
 
 // Calls launch(std::bool_constant<kCommonSlots>{}): true where kAllowed and common_slots(p).

@@ -41,6 +41,9 @@ __device__ __forceinline__ RowSlot read_slot(const FinalizeProblem& p, int64_t t
   const int64_t row = load_row<kCommonSlots>(p, t, k);
   const float w = load_weight<kCommonSlots>(p, t, k);
   const bool valid = row >= 0 && row < p.num_rows;  // never read outside input
+  // 64-bit arithmetic, unlike the FP8 kernels' row_offset<true>: its asm multiply here, inside
+  // direct_slot_batch's per-slot branch, kept nvcc from predicating the slot loads, and the
+  // serialised loads cost 0.2-0.5 us at K=8 (H100, benchmarks/HISTORY.md "Session 12").
   return {valid ? row * p.input_row_stride : -1, valid ? w : 0.0f};
 }
 
@@ -63,11 +66,8 @@ __device__ __forceinline__ void accumulate_rows(float* acc, const T* col_ptr, co
 }
 
 // G: rows in flight per thread (with_rows_in_flight). G=2 is bounded to 32 registers, a full SM.
-// kL1Allocate: with_load_flavour. kOneBatch: top_k <= G, read as one batch of slots without
-// for_each_slot_batch's loops, as the FP8 kernels do at K <= 2: 13.5% fewer instructions, 1-3.5%
-// faster at K <= 2 from T=16 to 1024 (H100, benchmarks/HISTORY.md "Session 11"). Only the G=2
-// kernel at K <= 2 takes it (launch_typed).
-template <typename T, int VEC, int G, bool kL1Allocate, bool kCommonSlots, bool kOneBatch>
+// kL1Allocate: with_load_flavour. kRead: how the slots are read (launch_typed picks it).
+template <typename T, int VEC, int G, bool kL1Allocate, bool kCommonSlots, SlotRead kRead>
 __global__ void __launch_bounds__(kMaxThreads, G == 2 ? 8 : 1)
     finalize_kernel(const __grid_constant__ FinalizeProblem p, const RowSplit split) {
   const Columns c = my_columns(split, VEC);
@@ -89,11 +89,7 @@ __global__ void __launch_bounds__(kMaxThreads, G == 2 ? 8 : 1)
       accumulate_rows<T, 1, G, false>(acc, col_ptr, slots, count);
     }
   };
-  if constexpr (kOneBatch) {
-    one_slot_batch<G, RowSlot>(p.top_k, read, consume);
-  } else {
-    for_each_slot_batch<G, RowSlot>(p.top_k, read, consume);
-  }
+  read_slots<kRead, G, RowSlot>(p.top_k, read, consume);
   if (c.is_vector) {
     store_output<T, VEC>(p, c.t, c.col, acc);
   } else if (c.is_tail) {
@@ -109,6 +105,14 @@ __global__ void __launch_bounds__(kMaxThreads, G == 2 ? 8 : 1)
 // 400.9 -> 399.8 us; at K=4, gpt-oss, they lost 0.7%), and streaming pays from T=2048 (K=8
 // T=2048 53.1 -> 52.2 us; at T=1024 it is even at H=4096 and 2% slower at K=4).
 constexpr int64_t kFewSlots = 4;
+
+// Below this many tokens a kernel whose rows in flight cover top_k reads its slots directly
+// (direct_slot_batch): H100, benchmarks/HISTORY.md "Session 12", DeepSeek-V3 T=16 2.53 ->
+// 2.42 us, K=8 T=128 4.86 -> 4.78. From there on the G=2 kernel at K <= 2 reads them as one
+// batch through lanes (one_slot_batch: 13.5% fewer instructions than batches, 1-3.5% faster
+// at K <= 2 from T=256 to 1024, session 11); a one-batch G=4 / G=8 kernel there measured
+// mixed (session 7).
+constexpr int64_t kDirectSlotsMaxTokens = 256;
 constexpr int64_t kStreamMinTokensManySlots = 2048;
 static_assert(kStreamMinTokensManySlots >= kL1AllocateMinTokens, "streaming reads through L1");
 
@@ -123,19 +127,22 @@ void launch_typed(const FinalizeProblem& p, int device) {
     constexpr int G = decltype(rows_in_flight)::value;
     with_load_flavour<(VEC > 1)>(p.num_tokens, [&](auto l1_allocate) {
       with_slot_format<(VEC > 1)>(p, [&](auto common_slots) {
-        auto go = [&](auto one_batch) {
-          launch_kernel(finalize_kernel<T, VEC, G, l1_allocate(), common_slots(), one_batch()>,
+        auto go = [&](auto read) {
+          launch_kernel(finalize_kernel<T, VEC, G, l1_allocate(), common_slots(), read()>,
                         l.grid, l.block, device, p, l.split);
         };
-        // One batch for the G=2 kernel at K <= 2 (streaming also runs K = 3-4 on it, in two
-        // batches); a second instantiation of G=4 / G=8 for K <= G measured mixed (session 7).
+        // (Streaming also runs K = 3-4 on the G=2 kernel, in two batches.)
+        if (p.top_k <= G && p.num_tokens < kDirectSlotsMaxTokens) {
+          go(std::integral_constant<SlotRead, SlotRead::kDirect>{});
+          return;
+        }
         if constexpr (G == 2) {
           if (p.top_k <= G) {
-            go(std::true_type{});
+            go(std::integral_constant<SlotRead, SlotRead::kOneBatch>{});
             return;
           }
         }
-        go(std::false_type{});
+        go(std::integral_constant<SlotRead, SlotRead::kBatches>{});
       });
     });
   };

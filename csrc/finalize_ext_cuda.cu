@@ -34,6 +34,14 @@ constexpr int kMaxThreads = 128;  // threads per block at most
 constexpr int kMaxRowsInFlight = 8;  // source rows loaded before any is consumed (G <= this)
 constexpr float kE4m3Max = 448.0f;
 
+// FP8 input below this many tokens is read in 8-byte vectors (kFp8NarrowVec e4m3 per thread:
+// twice the threads, half the registers and code per thread). Measured on H100 (benchmarks/
+// HISTORY.md "Session 11"): T=16 8% faster (FP8 output 20%), T=64-192 0-5% (DeepSeek-V3
+// T=128 7%, FP8 output 9%; FP8 output K=8 H=4096 T=128 3% slower); T=512 4% slower (FP8
+// output 11%), T >= 4096 7-20% slower.
+constexpr int64_t kFp8NarrowMaxTokens = 256;
+constexpr int kFp8NarrowVec = 8;
+
 // One top-k slot as the accumulation reads it (default: skipped). Each thread computes the row's
 // element and scale offsets from `row`: shuffling both 64-bit offsets took 4 more registers per
 // slot, and their spills cost the K=2 FP8-output kernel 2.5% (H100).
@@ -70,7 +78,7 @@ __device__ __forceinline__ SlotOf<kBias, kCommonSlots> read_slot(const FinalizeP
                  ? static_cast<const int64_t*>(p.expert_ids)[offset]
                  : static_cast<int64_t>(static_cast<const int32_t*>(p.expert_ids)[offset]);
   }
-  const bool valid = row >= 0 && row < p.num_rows;  // never read outside input
+  const bool valid = row_in_range<kCommonSlots>(row, p.num_rows);  // never read outside input
   SlotOf<kBias, kCommonSlots> s;
   s.row = valid ? row : -1;
   s.bias_off = valid && expert >= 0 && expert < p.num_experts ? expert * p.bias_row_stride : -1;
@@ -159,17 +167,19 @@ __device__ __forceinline__ void load_bias(const FinalizeProblem& p, int64_t offs
 template <typename T, int W, int G, bool kBias, bool kL1Allocate = false, typename S>
 __device__ __forceinline__ void accumulate(float* acc, const FinalizeProblem& p, int64_t col,
                                            int64_t scale_block_off, const S* s) {
+  constexpr bool k32 = std::is_same_v<decltype(S::row), int32_t>;  // the common format's slots
   const T* col_ptr = static_cast<const T*>(p.input) + col;
+  const float* scale_col = p.scales + scale_block_off;
   Pack<T, W> rows[G];
   float sc[G];
 #pragma unroll
   for (int u = 0; u < G; ++u) {
-    rows[u] = load_stream<T, W, kL1Allocate>(col_ptr + s[u].row * p.input_row_stride,
-                                             s[u].row >= 0);
+    rows[u] = load_stream<T, W, kL1Allocate>(
+        col_ptr + row_offset<k32>(s[u].row, p.input_row_stride), s[u].row >= 0);
   }
 #pragma unroll
   for (int u = 0; u < G; ++u) {
-    sc[u] = load_scale<kL1Allocate>(p.scales + s[u].row * p.scale_stride_row + scale_block_off,
+    sc[u] = load_scale<kL1Allocate>(scale_col + row_offset<k32>(s[u].row, p.scale_stride_row),
                                     p.scales != nullptr && s[u].row >= 0);
   }
 #pragma unroll
@@ -211,7 +221,16 @@ __device__ __forceinline__ void accumulate_token(float* acc, const FinalizeProbl
       accumulate<TIn, 1, G, kBias>(acc, p, c.col, scale_block_off, slots);
     }
   };
-  if constexpr (G == 2) {
+  // The decode kernels (8-byte FP8 vectors, T < kFp8NarrowMaxTokens) read a single batch of
+  // slots directly (direct_slot_batch): H100, benchmarks/HISTORY.md "Session 12", FP8
+  // DeepSeek-V3 T=128 5.34 -> 5.20 us, K=8 T=200 5.00 -> 4.84, K=8 T=16 2.41-2.46 -> 2.31-2.36.
+  if constexpr (std::is_same_v<TIn, __nv_fp8_e4m3> && VEC == kFp8NarrowVec) {
+    if (p.top_k <= G) {
+      direct_slot_batch<G, S>(p.top_k, read, consume);
+    } else {
+      for_each_slot_batch<G, S>(p.top_k, read, consume);
+    }
+  } else if constexpr (G == 2) {
     // G=2 serves top_k <= 2 only (with_rows_in_flight). Nothing is carried across a loop over
     // batches: K=2 FP8 output 2-4% faster at T=256-4096, FP8 input up to 3% (H100).
     one_slot_batch<G, S>(p.top_k, read, consume);
@@ -505,14 +524,6 @@ bool bias_aligned(const FinalizeProblem& p, int vec) {
 // (measured on H100: 13% faster at T=256, 1-5% at T=512-16384; one batch of 8 keeps the
 // dependency chain shortest at decode).
 constexpr int64_t kFp8HalfBatchMinTokens = 256;
-
-// FP8 input below this many tokens is read in 8-byte vectors (kFp8NarrowVec e4m3 per thread:
-// twice the threads, half the registers and code per thread). Measured on H100 (benchmarks/
-// HISTORY.md "Session 11"): T=16 8% faster (FP8 output 20%), T=64-192 0-5% (DeepSeek-V3
-// T=128 7%, FP8 output 9%; FP8 output K=8 H=4096 T=128 3% slower); T=512 4% slower (FP8
-// output 11%), T >= 4096 7-20% slower.
-constexpr int64_t kFp8NarrowMaxTokens = 256;
-constexpr int kFp8NarrowVec = 8;
 
 // Whether a VEC-element TIn kernel moves whole 16-byte vectors: only those choose a load
 // flavour by T (with_load_flavour); narrow and scalar kernels keep the non-allocating one.

@@ -14,6 +14,15 @@ card, no kernel of this form meets that target there.
   copy           wait; each thread copies its 16 bytes of input row t*K (no index read)
   gather1        wait; read map[t, 0], then 16 bytes of that row; store
 
+With --fp8 the sets are the bench's FP8 sets and the probes (after empty) are complete FP8
+finalizes with nothing general in them (contiguous tensors, K in {1, 2, 4, 8}, one thread per 8
+columns as ours below T=256), checked against the reference, next to ours and the Triton FP8
+peer: their time bounds what ours' generality costs at decode.
+
+  fp8_direct     every thread reads the K map entries and weights (the Triton peer's scheme)
+  fp8_shuffle    lane k reads slot k, shuffles hand the slots out (ours' scheme)
+  *_pf           lanes < K prefetch their slot into L2 before the wait (ours at K >= 4)
+
 Threads per block follow ours (csrc/cuda_common.cuh pick_threads) unless --threads is given.
 
 Build (nvcc 12+, and a driver for that CUDA version: the runtime is linked in statically;
@@ -48,7 +57,14 @@ PROBES = (  # (row name, launcher in the .so, pdl)
     ("copy", "probe_copy", True),
     ("gather1", "probe_gather1", True),
 )
+PROBES_FP8 = (  # --fp8: complete FP8 finalizes of the bench's FP8 sets, nothing general
+    ("fp8_direct", "probe_fp8_direct", True),
+    ("fp8_direct_pf", "probe_fp8_direct_prefetch", True),
+    ("fp8_shuffle", "probe_fp8_shuffle", True),
+    ("fp8_shuffle_pf", "probe_fp8_shuffle_prefetch", True),
+)
 PEERS = ("ours_pdl", "ours_nopdl", "ours", "triton")  # bf.bf16_impls names ("ours": no set_pdl)
+PEERS_FP8 = ("ours_fp8", "triton_fp8")  # bf.fp8_impls names
 STORE_VALUE = 1.0  # what probe_store writes (bf16 0x3F80)
 
 
@@ -69,6 +85,9 @@ def load_lib(path: Path) -> ctypes.CDLL:
     for _, fn, _ in PROBES:  # (input, map, out, T, K, H, threads, pdl, stream)
         getattr(lib, fn).argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 5 + [ctypes.c_void_p]
         getattr(lib, fn).restype = ctypes.c_int
+    for _, fn, _ in PROBES_FP8:  # (input, scales, map, weights, out, T, K, H, P, threads, pdl, stream)
+        getattr(lib, fn).argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6 + [ctypes.c_void_p]
+        getattr(lib, fn).restype = ctypes.c_int
     return lib
 
 
@@ -79,6 +98,13 @@ def probe_impl(lib: ctypes.CDLL, name: str, fn_name: str, pdl: bool, shape: bf.S
 
     def call(s: bf.InputSet) -> torch.Tensor:
         out = scratch if name == "empty" else s.out
+        if name.startswith("fp8_"):
+            rc = fn(s.input.data_ptr(), s.scales.data_ptr(), s.row_map.data_ptr(),
+                    s.weights.data_ptr(), out.data_ptr(), shape.T, shape.K, shape.H,
+                    s.input.shape[0], threads, int(pdl), torch.cuda.current_stream().cuda_stream)
+            if rc != 0:
+                raise RuntimeError(f"{name}: launch failed, cudaError {rc}")
+            return out
         rc = fn(s.input.data_ptr(), s.row_map.data_ptr(), out.data_ptr(),
                 shape.T, shape.K, shape.H, threads, int(pdl), torch.cuda.current_stream().cuda_stream)
         if rc != 0:
@@ -87,7 +113,8 @@ def probe_impl(lib: ctypes.CDLL, name: str, fn_name: str, pdl: bool, shape: bf.S
     return bf.Impl(name, call, pdl=pdl)
 
 
-def check_probe(impl: bf.Impl, s: bf.InputSet, shape: bf.Shape, scratch: torch.Tensor) -> None:
+def check_probe(impl: bf.Impl, s: bf.InputSet, shape: bf.Shape, scratch: torch.Tensor,
+                variant: bf.Variant, reference: Any) -> None:
     """Run once into a NaN-poisoned out; raise unless it wrote what its probe must."""
     s.out.fill_(float("nan"))
     scratch.zero_()
@@ -95,6 +122,12 @@ def check_probe(impl: bf.Impl, s: bf.InputSet, shape: bf.Shape, scratch: torch.T
     bf.sync(s.out.device)
     rows, T, K = s.row_map.long(), shape.T, shape.K
     name = impl.name
+    if name.startswith("fp8_"):  # a full finalize: against the fp32 reference
+        want = variant.reference(reference, s)
+        err = ((got.float() - want).abs().max() / want.abs().max().clamp(min=1e-30)).item()
+        if not err < 1e-2:  # also catches NaN (unwritten elements)
+            raise SystemExit(f"chain_probe: {name} T={T}: relative error {err:.3e}")
+        return
     if name == "empty":
         if got[0].item() != T:
             raise SystemExit(f"chain_probe: empty wrote {got[0].item()}, want {T}")
@@ -122,6 +155,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--l2-factor", type=float, default=3.0, help="rotate sets totalling this many x L2")
     p.add_argument("--mem-fraction", type=float, default=0.25, help="of free GPU memory for sets")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fp8", action="store_true",
+                   help="FP8 sets (e4m3 rows, 128-column block scales): the FP8 probes, ours "
+                        "and the Triton FP8 peer")
     p.add_argument("--ncu", action="store_true",
                    help="launch each probe and peer once per T on one fresh set, no timing (run "
                         "under Nsight Compute: ncu -k regex:'kernel|finalize' python ...)")
@@ -152,18 +188,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     mf, why = bf._import_package()
     reference = bf._import_reference()
     meta = bf.run_metadata(device, copy_mb=0)
-    peers = [i for i in bf.bf16_impls(mf, reference, device) if i.name in PEERS]
+    if cfg.fp8:
+        peers = [i for i in bf.fp8_impls(mf, device) if i.name in PEERS_FP8]
+        variant = bf.Variant("fp8", torch.float8_e4m3fn, torch.bfloat16, fp8=True)
+        probe_table = PROBES[:1] + PROBES_FP8  # the bf16 probes read 16-byte bf16 vectors
+    else:
+        peers = [i for i in bf.bf16_impls(mf, reference, device) if i.name in PEERS]
+        variant = bf.Variant("bfloat16", torch.bfloat16, torch.bfloat16)
+        probe_table = PROBES
     print(f"card: {meta['card']} | torch {meta['torch']} | triton {meta['triton']} | "
           f"L2 {meta['l2_bytes']} B | ours: {'binary ' + str(meta['binary_rev']) if mf else why}",
           flush=True)
-    variant = bf.Variant("bfloat16", torch.bfloat16, torch.bfloat16)
     scratch = torch.zeros(4, dtype=torch.int32, device=device)
     records: list[dict[str, Any]] = []
     for T in cfg.tokens:
         shape = bf.Shape(bf.SWEEP, T, cfg.K, cfg.H)
         sample = variant.make_set(shape, device, gen)  # sets as bench_shape builds them
         threads = cfg.threads or project_threads(T, cfg.H, meta["sm_count"])
-        probes = [probe_impl(lib, *p, shape, threads, scratch) for p in PROBES]
+        probes = [probe_impl(lib, *p, shape, threads, scratch) for p in probe_table]
         if cfg.ncu:
             for impl in probes + peers:
                 with impl.active():
@@ -175,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sets = [sample] + [variant.make_set(shape, device, gen) for _ in range(n_sets - 1)]
         probe_names = {p.name for p in probes}
         for impl in probes:
-            check_probe(impl, sets[0], shape, scratch)
+            check_probe(impl, sets[0], shape, scratch, variant, reference)
         for impl in peers:
             with impl.active():
                 ok, rel, _ = bf.check_correct(impl, variant, shape, reference, device, gen, 1e-2)
@@ -185,7 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             with impl.active():
                 us = bf.graph_time_us(impl, sets, device, cfg)
             print(f"  T={T:<5} {impl.name:<14} {us:8.2f} us  ({n_sets} sets)", flush=True)
-            records.append({"probe": impl.name, "T": T, "K": cfg.K, "H": cfg.H, "graph_us": us,
+            records.append({"probe": impl.name, "variant": variant.name, "T": T, "K": cfg.K,
+                            "H": cfg.H, "graph_us": us,
                             "pdl": impl.pdl, "sets": n_sets, "card": meta["card"],
                             "torch": meta["torch"], "binary_rev": meta["binary_rev"],
                             "threads": threads if impl.name in probe_names else None})
@@ -193,7 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.cuda.empty_cache()
     if cfg.ncu:
         return 0
-    out = cfg.out or REPO / "benchmarks" / "results" / f"chain_probe_{meta['card_slug']}.json"
+    stem = "chain_probe_fp8" if cfg.fp8 else "chain_probe"
+    out = cfg.out or REPO / "benchmarks" / "results" / f"{stem}_{meta['card_slug']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(records, indent=1) + "\n")
     print_table(records, cfg, meta)
