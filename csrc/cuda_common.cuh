@@ -204,8 +204,8 @@ __device__ __forceinline__ void prefetch_slot(const FinalizeProblem& p, int64_t 
 // which common_slots allows only where the row count and the row strides fit in int32: one
 // unsigned compare and one 32 x 32 -> 64-bit multiply per slot instead of 64-bit compares and
 // multiplies (5-6 instructions each in the SASS), on the dependent path from the map to the
-// rows. H100 (benchmarks/HISTORY.md "Session 12"): FP8 K=8 T=128 4.01 -> 3.87 us, DeepSeek-V3
-// T=128 5.35 -> 5.12.
+// rows. H100 (benchmarks/HISTORY.md "Session 12"), on top of direct_slot_batch: FP8 K=8 T=128
+// 4.07 -> 3.87 us, DeepSeek-V3 T=128 5.22 -> 5.12.
 template <bool kCommonSlots>
 __device__ __forceinline__ bool row_in_range(int64_t row, int64_t num_rows) {
   if constexpr (kCommonSlots) {
