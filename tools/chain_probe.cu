@@ -187,45 +187,17 @@ __global__ void fp8_lean_kernel(Fp8Args a) {
   a.out[t * a.vecs + v] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
 }
 
-template <bool kShuffle, bool kPrefetch>
-int launch_fp8(const void* input, const void* scales, const void* map, const void* weights,
-               void* out, int T, int K, int H, int P, int threads, int pdl, void* stream) {
-  if (T < 1 || P < 1 || H < 8 || H % 8 != 0 || threads < 32 || threads % 32 != 0 ||
-      threads > 1024) {
-    return static_cast<int>(cudaErrorInvalidValue);
-  }
-  const Fp8Args a{static_cast<const uint2*>(input), static_cast<const float*>(scales),
-                  static_cast<const int32_t*>(map), static_cast<const float*>(weights),
-                  static_cast<uint4*>(out), T, P, H / 8, (H + 127) / 128};
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(T, (a.vecs + threads - 1) / threads);
-  cfg.blockDim = dim3(threads);
-  cfg.stream = static_cast<cudaStream_t>(stream);
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 1 : 0;
-  switch (K) {
-    case 1: return static_cast<int>(cudaLaunchKernelEx(&cfg, fp8_lean_kernel<1, kShuffle, kPrefetch>, a));
-    case 2: return static_cast<int>(cudaLaunchKernelEx(&cfg, fp8_lean_kernel<2, kShuffle, kPrefetch>, a));
-    case 4: return static_cast<int>(cudaLaunchKernelEx(&cfg, fp8_lean_kernel<4, kShuffle, kPrefetch>, a));
-    case 8: return static_cast<int>(cudaLaunchKernelEx(&cfg, fp8_lean_kernel<8, kShuffle, kPrefetch>, a));
-    default: return static_cast<int>(cudaErrorInvalidValue);
-  }
+// Whether the probes support this launch (T tokens, H columns in 8-element vectors).
+bool bad_launch(int T, int H, int threads) {
+  return T < 1 || H < 8 || H % 8 != 0 || threads < 32 || threads % 32 != 0 || threads > 1024;
 }
 
-int launch(void (*kernel)(Args), const void* input, const void* map, void* out, int T, int K,
-           int H, int threads, int pdl, void* stream, bool one_block) {
-  if (T < 1 || K < 1 || H < 8 || H % 8 != 0 || threads < 32 || threads % 32 != 0 ||
-      threads > 1024) {
-    return static_cast<int>(cudaErrorInvalidValue);
-  }
-  const Args a{static_cast<const uint4*>(input), static_cast<const int32_t*>(map),
-               static_cast<uint4*>(out), T, K, H / 8};
+// kernel(a) on `stream`, as a programmatic dependent launch where pdl; the cudaError_t as an int.
+template <typename A>
+int launch_on(void (*kernel)(A), dim3 grid, dim3 block, int pdl, void* stream, const A& a) {
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = one_block ? dim3(1) : dim3(T, (a.vecs + threads - 1) / threads);
-  cfg.blockDim = dim3(one_block ? 32 : threads);
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
   cfg.stream = static_cast<cudaStream_t>(stream);
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -233,6 +205,34 @@ int launch(void (*kernel)(Args), const void* input, const void* map, void* out, 
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 1 : 0;
   return static_cast<int>(cudaLaunchKernelEx(&cfg, kernel, a));
+}
+
+template <bool kShuffle, bool kPrefetch>
+int launch_fp8(const void* input, const void* scales, const void* map, const void* weights,
+               void* out, int T, int K, int H, int P, int threads, int pdl, void* stream) {
+  if (bad_launch(T, H, threads) || P < 1) return static_cast<int>(cudaErrorInvalidValue);
+  const Fp8Args a{static_cast<const uint2*>(input), static_cast<const float*>(scales),
+                  static_cast<const int32_t*>(map), static_cast<const float*>(weights),
+                  static_cast<uint4*>(out), T, P, H / 8, (H + 127) / 128};
+  void (*kernel)(Fp8Args) = nullptr;
+  switch (K) {
+    case 1: kernel = fp8_lean_kernel<1, kShuffle, kPrefetch>; break;
+    case 2: kernel = fp8_lean_kernel<2, kShuffle, kPrefetch>; break;
+    case 4: kernel = fp8_lean_kernel<4, kShuffle, kPrefetch>; break;
+    case 8: kernel = fp8_lean_kernel<8, kShuffle, kPrefetch>; break;
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
+  return launch_on(kernel, dim3(T, (a.vecs + threads - 1) / threads), dim3(threads), pdl, stream,
+                   a);
+}
+
+int launch(void (*kernel)(Args), const void* input, const void* map, void* out, int T, int K,
+           int H, int threads, int pdl, void* stream, bool one_block) {
+  if (bad_launch(T, H, threads) || K < 1) return static_cast<int>(cudaErrorInvalidValue);
+  const Args a{static_cast<const uint4*>(input), static_cast<const int32_t*>(map),
+               static_cast<uint4*>(out), T, K, H / 8};
+  const dim3 grid = one_block ? dim3(1) : dim3(T, (a.vecs + threads - 1) / threads);
+  return launch_on(kernel, grid, dim3(one_block ? 32 : threads), pdl, stream, a);
 }
 
 }  // namespace
