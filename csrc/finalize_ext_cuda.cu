@@ -228,18 +228,17 @@ __device__ __forceinline__ void accumulate_token(float* acc, const FinalizeProbl
   // The decode kernels (8-byte FP8 vectors, T < kFp8NarrowMaxTokens) read a single batch of
   // slots directly (direct_slot_batch): H100, benchmarks/HISTORY.md "Session 12", FP8
   // DeepSeek-V3 T=128 5.34 -> 5.20 us, K=8 T=200 5.00 -> 4.84, K=8 T=16 2.41-2.46 -> 2.31-2.36.
+  // Elsewhere G=2 serves top_k <= 2 only (with_rows_in_flight) and reads its one batch through
+  // lanes: nothing is carried across a loop over batches (K=2 FP8 output 2-4% faster at
+  // T=256-4096, FP8 input up to 3%, H100).
   if constexpr (kFp8Narrow<TIn, VEC>) {
     if (p.top_k <= G) {
-      direct_slot_batch<G, S>(p.top_k, read, consume);
+      read_slots<SlotRead::kDirect, G, S>(p.top_k, read, consume);
     } else {
-      for_each_slot_batch<G, S>(p.top_k, read, consume);
+      read_slots<SlotRead::kBatches, G, S>(p.top_k, read, consume);
     }
-  } else if constexpr (G == 2) {
-    // G=2 serves top_k <= 2 only (with_rows_in_flight). Nothing is carried across a loop over
-    // batches: K=2 FP8 output 2-4% faster at T=256-4096, FP8 input up to 3% (H100).
-    one_slot_batch<G, S>(p.top_k, read, consume);
   } else {
-    for_each_slot_batch<G, S>(p.top_k, read, consume);
+    read_slots<G == 2 ? SlotRead::kOneBatch : SlotRead::kBatches, G, S>(p.top_k, read, consume);
   }
 }
 
